@@ -1,0 +1,92 @@
+"""The PRM backbone: shapes, masks, in-graph positions, pathways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.model import MASKED_LOGIT, PATHWAYS, ModelConfig, Reranker, retriever_positions
+
+
+def make(pathway: str = "concat", seed: int = 0) -> Reranker:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_items=40, item_field_sizes=[3], user_field_sizes=[4, 2], max_candidates=12,
+                      history_len=5, hidden=16, heads=2, layers=1, dropout=0.0, pathway=pathway)
+    return Reranker(cfg, [torch.randint(0, 4, (40, 2))]).eval()
+
+
+def inputs(b: int = 3, n: int = 12) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    items = torch.randint(2, 40, (b, n), generator=g)
+    scores = torch.rand(b, n, generator=g)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    history = torch.randint(0, 40, (b, 5), generator=g)
+    profile = torch.stack([torch.randint(0, 5, (b,), generator=g), torch.randint(0, 3, (b,), generator=g)], 1)
+    return items, scores, mask, history, profile
+
+
+def test_positions_rank_by_score_with_padding_last_and_ties_by_index() -> None:
+    scores = torch.tensor([[0.2, 0.9, 0.5, 0.5, 0.99]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    assert retriever_positions(scores, mask).tolist() == [[3, 0, 1, 2, 4]]
+
+
+@pytest.mark.parametrize("pathway", PATHWAYS)
+def test_candidate_order_does_not_matter(pathway: str) -> None:
+    """Positions come from the scores, so permuting the candidates permutes the logits."""
+    model = make(pathway)
+    items, scores, mask, history, profile = inputs()
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(items, scores, mask, history, profile)
+        shuffled = model(items[:, perm], scores[:, perm], mask[:, perm], history, profile)
+    assert torch.allclose(base[:, perm], shuffled, atol=1e-5)
+
+
+def test_padding_neither_scores_nor_affects_real_candidates() -> None:
+    model = make()
+    items, scores, mask, history, profile = inputs()
+    mask[:, 8:] = False
+    with torch.no_grad():
+        full = model(items, scores, mask, history, profile)
+        short = model(items[:, :8], scores[:, :8], mask[:, :8], history, profile)
+        other = model(items.clone().index_fill_(1, torch.arange(8, 12), 7), scores, mask, history, profile)
+    assert (full[:, 8:] == MASKED_LOGIT).all()
+    assert torch.allclose(full[:, :8], short, atol=1e-5)
+    assert torch.allclose(full[:, :8], other[:, :8], atol=1e-5)
+
+
+def test_score_pathway_uses_the_score_and_none_ignores_it() -> None:
+    items, scores, mask, history, profile = inputs()
+    order_kept = scores * 0.5  # same ranking, different values
+    with torch.no_grad():
+        none = make("none")
+        assert torch.allclose(none(items, scores, mask, history, profile),
+                              none(items, order_kept, mask, history, profile))
+        concat = make("concat")
+        assert not torch.allclose(concat(items, scores, mask, history, profile),
+                                  concat(items, order_kept, mask, history, profile))
+
+
+def test_empty_history_and_unknown_profile_are_finite() -> None:
+    model = make()
+    items, scores, mask, history, profile = inputs()
+    with torch.no_grad():
+        out = model(items, scores, mask, torch.zeros_like(history), torch.zeros_like(profile))
+    assert torch.isfinite(out).all()
+
+
+def test_frozen_item_table_matches_the_live_one() -> None:
+    model = make()
+    args = inputs()
+    with torch.no_grad():
+        live = model(*args)
+        frozen = model.freeze()(*args)
+    assert torch.allclose(live, frozen)
+
+
+def test_config_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="pathway 'sum'"):
+        ModelConfig(n_items=3, pathway="sum")
+    with pytest.raises(ValueError, match="hidden 10 is not divisible by heads 4"):
+        ModelConfig(n_items=3, hidden=10, heads=4)

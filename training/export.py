@@ -1,0 +1,205 @@
+"""Export a trained reranker to ``models/<version>/``: ONNX graph + manifest (its contract) + features.
+
+Owns: the ONNX export, the torch vs ONNX Runtime parity gate, the manifest, the user-feature snapshot
+and the held-out requests file. Does not know: how the model was trained, or how the service serves it.
+
+Files written (all listed with their sha256 in ``manifest.json``):
+    model.onnx           the graph; inputs/outputs as in the manifest, any batch size, lists up to max
+    items.json           raw item ids; index = position + first_index (0 pad, 1 OOV)
+    user_features.jsonl  per user: raw profile values and the last history_len raw item ids, oldest first
+    heldout.jsonl        the test lists as /rerank requests with labels and the offline top-k
+The directory is written under a temporary name and renamed, so a half-written model never exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from training import metrics
+from training.data import ITEM_OFFSET, OOV, PAD, Dataset
+from training.model import Reranker
+from training.retriever import CandidateLists
+from training.train import predict
+
+FORMAT = "dnr-reranker/v1"
+FEATURES_SCHEMA = 1
+OPSET = 17
+INPUTS = [  # name, dtype, shape; "batch", "candidates", "history" are dynamic
+    ("items", "int64", ["batch", "candidates"]),
+    ("scores", "float32", ["batch", "candidates"]),
+    ("mask", "bool", ["batch", "candidates"]),
+    ("history", "int64", ["batch", "history"]),
+    ("profile", "int64", ["batch", "fields"]),
+]
+OUTPUTS = [("logits", "float32", ["batch", "candidates"])]
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with torch beyond tolerance; nothing was written."""
+
+
+@dataclass
+class Parity:
+    lists: int
+    max_abs_diff: float
+    topk_identical: float  # share of lists whose top-k (order included) is identical
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_onnx(model: Reranker, path: Path, sample: CandidateLists) -> None:
+    """Legacy TorchScript exporter (``dynamo=False``): fast, no onnxscript at export time, and every op
+    used here maps to a plain ONNX op. Positions are derived from the scores inside the graph, and the
+    item table (id + side features) is baked in as one constant."""
+    model = copy.deepcopy(model).freeze()
+    n = min(len(sample), 4)
+    args = (torch.from_numpy(sample.items[:n]), torch.from_numpy(sample.scores[:n]),
+            torch.from_numpy(sample.mask[:n]), torch.from_numpy(sample.history[:n]),
+            torch.from_numpy(sample.profile[:n]))
+    axes = {name: {i: dim for i, dim in enumerate(shape) if dim != "fields"} for name, _, shape in INPUTS + OUTPUTS}
+    torch.onnx.export(model, args, str(path), input_names=[n for n, _, _ in INPUTS],
+                      output_names=[n for n, _, _ in OUTPUTS], dynamic_axes=axes, opset_version=OPSET,
+                      dynamo=False)
+
+
+def onnx_feed(lists: CandidateLists, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+    sub = lists.subset(rows)
+    return {"items": sub.items, "scores": sub.scores, "mask": sub.mask, "history": sub.history,
+            "profile": sub.profile}
+
+
+def check_parity(model: Reranker, onnx_path: Path, lists: CandidateLists, k: int = metrics.K,
+                 batch_size: int = 512) -> Parity:
+    """Run torch (positions derived from scores, as in the graph) and ONNX Runtime on ``lists``."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model.eval()
+    max_diff, identical = 0.0, 0
+    for start in range(0, len(lists), batch_size):
+        feed = onnx_feed(lists, slice(start, start + batch_size))
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(feed[name]) for name, _, _ in INPUTS)).numpy()
+        got = session.run(["logits"], feed)[0]
+        m = feed["mask"]
+        max_diff = max(max_diff, float(np.abs(got - expected)[m].max(initial=0.0)))
+        identical += int((metrics.topk_indices(got, k, m) == metrics.topk_indices(expected, k, m)).all(1).sum())
+    return Parity(len(lists), max_diff, identical / max(len(lists), 1))
+
+
+def _request(dataset: Dataset, lists: CandidateLists, row: int, topk: np.ndarray) -> dict[str, Any]:
+    item_id = dataset.item_id
+    m = lists.mask[row]
+    return {
+        "request": {
+            "request_id": f"heldout-{row}",
+            "user_id": dataset.user_ids[lists.user[row]],
+            "candidates": [{"item_id": item_id(i), "score": round(float(s), 6)}
+                           for i, s in zip(lists.items[row][m], lists.scores[row][m], strict=True)],
+            "k": len(topk),
+        },
+        "labels": [int(z) for z in lists.labels[row][m]],
+        "offline_topk": [item_id(lists.items[row][j]) for j in topk],
+    }
+
+
+def user_snapshot(dataset: Dataset) -> list[dict[str, Any]]:
+    """Each user's features as the service sees them at serving time: the history before the test slate."""
+    test = dataset.splits["test"]
+    cut = dict(zip(test.user.tolist(), test.start.tolist(), strict=True))
+    rows = []
+    for u, user_id in enumerate(dataset.user_ids):
+        past = dataset.seq_items[u][max(0, cut[u] - dataset.history_len) : cut[u]]
+        profile = {f.name: (f.vocab[f.tokens[u, 0] - 1] if f.tokens[u, 0] > 0 else "") for f in dataset.user_fields}
+        rows.append({"user_id": user_id, "profile": profile, "history": [dataset.item_id(i) for i in past]})
+    return rows
+
+
+def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], out_root: Path, version: str,
+           config: dict[str, Any], offline_metrics: dict[str, Any], max_abs_diff: float = 1e-4,
+           min_topk_identical: float = 0.99, overwrite: bool = False) -> Path:
+    """Export, check parity on the test lists, and write ``out_root/version`` atomically.
+
+    Raises ``ParityError`` (and writes nothing) when the max absolute logit difference exceeds
+    ``max_abs_diff`` or fewer than ``min_topk_identical`` of the lists get an identical top-k.
+    """
+    final = out_root / version
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; choose another --version or pass --overwrite")
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = out_root / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        test = lists["test"]
+        export_onnx(model, tmp / "model.onnx", test)
+        parity = check_parity(model, tmp / "model.onnx", test)
+        if parity.max_abs_diff > max_abs_diff or parity.topk_identical < min_topk_identical:
+            raise ParityError(f"torch vs ONNX Runtime: max |diff| {parity.max_abs_diff:.3g} "
+                              f"(limit {max_abs_diff:.3g}), identical top-{metrics.K} "
+                              f"{parity.topk_identical:.4f} (limit {min_topk_identical})")
+
+        (tmp / "items.json").write_text(json.dumps(dataset.item_ids))
+        with open(tmp / "user_features.jsonl", "w") as f:
+            for user in user_snapshot(dataset):
+                f.write(json.dumps(user) + "\n")
+        offline = metrics.topk_indices(predict(model, test), metrics.K, test.mask)
+        with open(tmp / "heldout.jsonl", "w") as f:
+            for row in range(len(test)):
+                f.write(json.dumps(_request(dataset, test, row, offline[row])) + "\n")
+
+        cfg = model.cfg
+        manifest = {
+            "format": FORMAT,
+            "version": version,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset": dataset.name,
+            "graph": {
+                "file": "model.onnx",
+                "opset": OPSET,
+                "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in INPUTS],
+                "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in OUTPUTS],
+                "positions": "derived in the graph from scores (descending, ties by lower index)",
+                "masked_logit": -1e4,
+            },
+            "max_candidates": cfg.max_candidates,
+            "history_len": cfg.history_len,
+            "score_range": [0.0, 1.0],
+            "items": {"file": "items.json", "count": len(dataset.item_ids), "pad_index": PAD,
+                      "oov_index": OOV, "first_index": ITEM_OFFSET},
+            "profile_fields": [{"name": f.name, "vocab": f.vocab} for f in dataset.user_fields],
+            "user_features": {"file": "user_features.jsonl", "schema": FEATURES_SCHEMA,
+                              "count": len(dataset.user_ids)},
+            "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
+            "model_config": dataclasses.asdict(cfg),
+            "config": json.loads(json.dumps(config, default=str)),
+            "metrics": offline_metrics,
+            "parity": dataclasses.asdict(parity),
+            "files": {},
+        }
+        manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+

@@ -1,0 +1,206 @@
+"""The PRM reranker backbone with a retriever-score pathway, written to export cleanly to ONNX.
+
+Owns: item and user encoders, the candidate transformer, the score pathways (none / concat / add /
+weight), and the in-graph preprocessing the exported model carries (item side-feature tables, list
+positions derived from the retriever scores). Does not know: data files, losses, training loops.
+
+Inputs (B = lists, L = candidates, H = history, F = profile fields):
+    items   (B, L) int64   item indices (0 pad, 1 OOV)
+    scores  (B, L) float32 retriever scores in [0, 1]
+    mask    (B, L) bool    True on real candidates
+    history (B, H) int64   items before the request, most recent last, 0-padded
+    profile (B, F) int64   user profile tokens, 0 = unknown
+Output: logits (B, L) float32; padded positions get ``MASKED_LOGIT``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PATHWAYS = ("none", "concat", "add", "weight")
+MASKED_LOGIT = -1e4
+NEG_INF = -1e4  # additive attention bias; finite so an all-padding row stays finite
+
+
+@dataclass
+class ModelConfig:
+    n_items: int
+    item_field_sizes: list[int] = field(default_factory=list)  # vocab size per item field (without pad)
+    user_field_sizes: list[int] = field(default_factory=list)  # vocab size per profile field
+    max_candidates: int = 50
+    history_len: int = 30
+    hidden: int = 128
+    heads: int = 2
+    layers: int = 2
+    history_layers: int = 1
+    dropout: float = 0.3
+    pathway: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.pathway not in PATHWAYS:
+            raise ValueError(f"pathway {self.pathway!r} is not one of {PATHWAYS}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+
+
+class Dropout(nn.Module):
+    """Inverted dropout from a uniform mask: same maths as ``nn.Dropout``, 3x faster on CPU, where
+    torch's ``bernoulli_`` costs ~16 ns per element (measured on this project's 2-core machine)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder layer with an explicit additive key mask (exports to plain ops)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-1, -2)) * self.scale + key_bias[:, None, None, :]  # (B, h, n, n)
+        out = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)  # (B, n, D)
+        x = x + self.drop(self.proj(out))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class FieldEmbedding(nn.Module):
+    """Mean of the token embeddings of each field, summed over fields; index 0 is padding."""
+
+    def __init__(self, sizes: list[int], dim: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(size + 1, dim, padding_idx=0) for size in sizes)
+
+    def forward(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for table, tok in zip(self.tables, tokens, strict=True):  # tok (..., T)
+            emb = table(tok).sum(-2) / (tok > 0).sum(-1, keepdim=True).clamp(min=1)
+            out = emb if out is None else out + emb
+        assert out is not None
+        return out
+
+
+class Reranker(nn.Module):
+    """PRM: candidates (item + user state + position [+ score]) -> transformer -> one logit each."""
+
+    def __init__(self, cfg: ModelConfig, item_field_tokens: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
+        # Side-feature tables travel inside the graph as buffers: the service sends item indices only.
+        tokens = item_field_tokens or []
+        if len(tokens) != len(cfg.item_field_sizes):
+            raise ValueError(f"{len(tokens)} item field tables for {len(cfg.item_field_sizes)} item fields")
+        for i, tok in enumerate(tokens):
+            self.register_buffer(f"item_field_{i}", tok.long(), persistent=True)
+        self.item_fields = FieldEmbedding(cfg.item_field_sizes, d)
+        self.user_fields = FieldEmbedding(cfg.user_field_sizes, d)
+        self.hist_pos = nn.Parameter(torch.zeros(cfg.history_len, d))
+        self.hist_blocks = nn.ModuleList(Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.history_layers))
+        self.user_proj = nn.Linear(2 * d, d)
+        self.pos_emb = nn.Embedding(cfg.max_candidates, d)
+        if cfg.pathway == "concat":
+            self.score_mlp = nn.Sequential(nn.Linear(1, d // 4), nn.ReLU(), nn.Linear(d // 4, d // 4))
+            self.score_join = nn.Linear(d + d // 4, d)
+        elif cfg.pathway in ("add", "weight"):
+            self.score_mlp = nn.Sequential(nn.Linear(1, d // 4), nn.ReLU(), nn.Linear(d // 4, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+        self.drop = Dropout(cfg.dropout)
+        self.frozen_table: torch.Tensor | None = None
+        nn.init.normal_(self.hist_pos, std=0.02)
+
+    def item_table(self) -> torch.Tensor:
+        """(n_items, D) every item's id embedding + side-feature embedding.
+
+        Computed once per forward (the catalogue is small next to B x (L + H) lookups); ``freeze`` bakes it
+        into a constant for export, so the served graph does one Gather per item.
+        """
+        if self.frozen_table is not None:
+            return self.frozen_table
+        table = self.item_emb.weight
+        if self.cfg.item_field_sizes:
+            tokens = [getattr(self, f"item_field_{i}") for i in range(len(self.cfg.item_field_sizes))]
+            table = table + self.item_fields(tokens)
+        return table
+
+    def freeze(self) -> Reranker:
+        """Eval mode with the item table baked in (for export and serving; training must not use it)."""
+        self.eval()
+        with torch.no_grad():
+            self.frozen_table = None
+            self.frozen_table = self.item_table().detach().clone()
+        return self
+
+    def user_state(self, table: torch.Tensor, history: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        """(B, H), (B, F) -> (B, D): profile embedding joined with a pooled transformer over the history."""
+        valid = history > 0  # (B, H)
+        h = table[history] + self.hist_pos[None, -history.shape[1] :]
+        bias = (~valid).float() * NEG_INF
+        for block in self.hist_blocks:
+            h = block(h, bias)
+        pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        if self.cfg.user_field_sizes:
+            prof = self.user_fields([profile[:, i : i + 1] for i in range(len(self.cfg.user_field_sizes))])
+        else:
+            prof = torch.zeros_like(pooled)
+        return self.user_proj(torch.cat([pooled, prof], dim=-1))
+
+    def forward(self, items: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, history: torch.Tensor,
+                profile: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L). ``positions`` defaults to each candidate's rank by ``scores`` among the real
+        candidates (ties: lower index first), so callers may send candidates in any order; DNR training
+        passes the real retriever positions while ``scores`` carries synthetic ones."""
+        if positions is None:
+            positions = retriever_positions(scores, mask)
+        table = self.item_table()
+        x = table[items] + self.user_state(table, history, profile)[:, None] + self.pos_emb(positions)
+        s = scores[..., None]  # (B, L, 1)
+        if self.cfg.pathway == "concat":
+            x = self.score_join(torch.cat([x, self.score_mlp(s)], dim=-1))
+        elif self.cfg.pathway == "add":
+            x = x + self.score_mlp(s)
+        elif self.cfg.pathway == "weight":
+            x = x * (1.0 + torch.tanh(self.score_mlp(s)))
+        x = self.drop(x)
+        bias = (~mask).float() * NEG_INF
+        for block in self.blocks:
+            x = block(x, bias)
+        logits = self.head(self.norm(x)).squeeze(-1)
+        return logits.masked_fill(~mask, MASKED_LOGIT)
+
+
+def retriever_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) rank of each candidate by descending score, real candidates first, ties by index.
+
+    rank_i = #{j : key_j > key_i} + #{j < i : key_j = key_i}, with padding keyed below every score. A
+    pairwise count (L^2 comparisons) rather than a sort: exact on ties and exported as plain ONNX ops.
+    """
+    key = torch.where(mask, scores.float(), torch.full_like(scores, -2.0))
+    n = key.shape[1]
+    ki, kj = key[:, :, None], key[:, None, :]  # (B, L, 1), (B, 1, L)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=key.device).tril(-1)  # j < i
+    beats = (kj > ki) | ((kj == ki) & earlier[None])
+    return beats.sum(-1)
