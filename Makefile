@@ -1,10 +1,12 @@
-# Targets people type. `make test` is the README's test command and what CI runs.
+# Targets people type. `make test` is the README's test command and what CI runs; `make serve` runs the service.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
+DEFAULT_VARIANT ?= prm
 
-.PHONY: test lint typecheck pytest pipeline clean
+.PHONY: test lint typecheck pytest redis serve model pipeline clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,20 +16,39 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	touch $(STAMP)
 
+# Integration tests start their own redis-server on a free loopback port; install it when missing.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
+
 lint: $(STAMP)
-	$(PY) -m ruff check training tests
+	$(PY) -m ruff check training service tests
 
 typecheck: $(STAMP)
-	$(PY) -m mypy
+	$(PY) -m mypy --strict service
+	$(PY) -m mypy training
 
-pytest: $(STAMP)
+pytest: $(STAMP) redis
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
 
-# The full offline pipeline on ML-100K: report in reports/, model in models/.
+# A servable model in about a minute: one seed of DEFAULT_VARIANT on ML-100K.
+model: $(STAMP)
+	$(PY) -m training pipeline --variants $(DEFAULT_VARIANT) --seeds 1 --out-reports build/reports \
+	  --version ml100k-$(DEFAULT_VARIANT)-default
+
+# Runs the service on 127.0.0.1:8000 (RERANK_* settings, see .env.example), building a model first if
+# models/ has none. Uses Redis when RERANK_REDIS_URL is set.
+serve: $(STAMP)
+	@ls models/*/manifest.json >/dev/null 2>&1 || $(MAKE) model
+	$(PY) -m service
+
+# The full offline pipeline on ML-100K: reports/ml100k.{md,csv} and the best variant in models/.
 pipeline: $(STAMP)
 	$(PY) -m training pipeline
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,3 +76,108 @@ def tiny(synthetic_files: tuple[Path, Path, Path]) -> Tiny:
 @pytest.fixture(scope="session")
 def ml100k() -> data.Ratings:
     return data.load_ml100k()
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port; stop() and start() again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: `make test` installs it (see the Makefile)"
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder), "--enable-debug-command", "yes"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_root(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two exported versions of the tiny model (same weights): v1 and v2, for reload tests."""
+    from training import export
+
+    root = tmp_path_factory.mktemp("served-models")
+    for version in ("tiny-v1", "tiny-v2"):
+        export.export(tiny.result.model, tiny.dataset, tiny.lists, root, version, {}, {"test": {}})
+    return root
+
+
+class ServiceThread:
+    """The real app under uvicorn on a free port, in a background thread."""
+
+    def __init__(self, settings: Any) -> None:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.port = settings.port
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServiceThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("service did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def service_settings(model_dir: Path, **overrides: Any) -> Any:
+    from service.config import Settings
+
+    values: dict[str, Any] = {"model_dir": model_dir, "model_version": "tiny-v1", "port": free_port(),
+                              "admin_token": "test-token", "redis_url": ""}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)

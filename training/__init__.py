@@ -1,0 +1,1 @@
+"""Offline DNR pipeline: data, retriever, reranker training, evaluation and ONNX export (PyTorch)."""

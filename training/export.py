@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -27,13 +26,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from service.model import FORMAT, ModelError, RerankModel, sha256
 from training import metrics
 from training.data import ITEM_OFFSET, OOV, PAD, Dataset
 from training.model import Reranker
 from training.retriever import CandidateLists
 from training.train import predict
 
-FORMAT = "dnr-reranker/v1"
 FEATURES_SCHEMA = 1
 OPSET = 17
 INPUTS = [  # name, dtype, shape; "batch", "candidates", "history" are dynamic
@@ -55,14 +54,6 @@ class Parity:
     lists: int
     max_abs_diff: float
     topk_identical: float  # share of lists whose top-k (order included) is identical
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_onnx(model: Reranker, path: Path, sample: CandidateLists) -> None:
@@ -137,7 +128,8 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
     """Export, check parity on the test lists, and write ``out_root/version`` atomically.
 
     Raises ``ParityError`` (and writes nothing) when the max absolute logit difference exceeds
-    ``max_abs_diff`` or fewer than ``min_topk_identical`` of the lists get an identical top-k.
+    ``max_abs_diff``, fewer than ``min_topk_identical`` of the lists get an identical top-k, or the
+    service's loader refuses the result.
     """
     final = out_root / version
     if final.exists() and not overwrite:
@@ -196,6 +188,10 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
         manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:  # the service's own loader is the judge of the contract
+            RerankModel(tmp, providers="cpu")
+        except ModelError as exc:
+            raise ParityError(f"the service would refuse this export: {exc}") from None
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

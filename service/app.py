@@ -1,0 +1,312 @@
+"""The HTTP surface: POST /rerank, /livez, /readyz, /metrics, POST /admin/reload.
+
+Owns: the lifespan (model, Redis pool, feature store, batcher start and stop with it), request limits,
+fallbacks, the atomic model swap, and mapping errors to HTTP in one place. Does not know: ONNX details
+(``model.py``), batching policy (``batcher.py``) or where features live (``features.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from service import errors
+from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
+from service.config import Settings
+from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
+from service.metrics import Metrics
+from service.model import Job, ModelError, Ranked, RerankModel, find_version
+from service.schemas import ErrorBody, RerankRequest, RerankResponse, check_request, parse_request
+
+log = logging.getLogger("rerank.app")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 413, 415, 422, 429, 503)}
+
+
+@dataclass
+class State:
+    """Everything the lifespan owns; handlers read ``model`` once per use (reload swaps it whole)."""
+
+    settings: Settings
+    metrics: Metrics
+    features: FeatureStore
+    model: RerankModel
+    batcher: Batcher[tuple[RerankModel, Job], Ranked] | None = None
+    ready: bool = False
+    draining: bool = False
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def load_model(folder: Path, settings: Settings) -> tuple[RerankModel, float]:
+    """Validate, open and warm up a model version (blocking; run it in a thread)."""
+    model = RerankModel(folder, settings.providers, settings.intra_op_threads)
+    return model, model.warm_up()
+
+
+def run_batch(jobs: list[tuple[RerankModel, Job]]) -> list[Ranked]:
+    """The batcher's process function. Each job carries the model that was current when it arrived; a
+    batch spanning a reload runs per model, so no request meets a vocabulary it was not checked against."""
+    out: list[Ranked | None] = [None] * len(jobs)
+    by_model: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(jobs):
+        by_model.setdefault(id(model), []).append(i)
+    for rows in by_model.values():
+        model = jobs[rows[0]][0]
+        for row, ranked in zip(rows, model.rank([jobs[r][1] for r in rows]), strict=True):
+            out[row] = ranked
+    return [r for r in out if r is not None]
+
+
+def fallback_items(req: RerankRequest, k: int) -> list[dict[str, Any]]:
+    """Retriever order: by descending retriever score, ties in request order."""
+    order = sorted(range(len(req.candidates)), key=lambda i: -req.candidates[i].score)[:k]
+    return [{"item_id": req.candidates[i].item_id, "score": req.candidates[i].score, "rank": r + 1}
+            for r, i in enumerate(order)]
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them when Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise errors.MalformedJSON(f"Content-Length {declared!r} is not a number", "Content-Length", declared)
+        if int(declared) > limit:
+            raise errors.PayloadTooLarge(f"body of {declared} bytes exceeds {limit} bytes", "body", int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"body exceeds {limit} bytes", "body", len(body))
+    return bytes(body)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        folder = find_version(settings.model_dir, settings.model_version)
+        model, warm_s = await asyncio.to_thread(load_model, folder, settings)
+        log.info("model %s from %s on %s, warmed up in %.2f s", model.version, folder, model.providers, warm_s)
+        client = None
+        if settings.redis_url:
+            client = make_redis(settings.redis_url, settings.redis_pool_size, settings.redis_timeout_ms)
+            log.info("user features: local cache -> Redis -> snapshot")
+        else:
+            log.warning("RERANK_REDIS_URL is empty: user features come from the in-process cache and the "
+                        "model's snapshot only (not shared across replicas)")
+        features = FeatureStore(client, timeout_ms=settings.redis_timeout_ms, ttl_s=settings.feature_ttl_s,
+                                cache_size=settings.local_cache_size, cache_ttl_s=settings.local_cache_ttl_s,
+                                breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s))
+        features.set_snapshot(await asyncio.to_thread(read_snapshot, folder / "user_features.jsonl"))
+        state = State(settings, metrics, features, model)
+
+        def on_batch(stats: BatchStats) -> None:
+            if stats.expired:
+                metrics.expired.inc(stats.expired)
+            if stats.size:
+                metrics.batch_size.observe(stats.size)
+                metrics.inference_seconds.observe(stats.run_s)
+                for wait in stats.queue_waits_s:
+                    metrics.queue_seconds.observe(wait)
+
+        wait_ms = settings.resolved_max_wait_ms(model.on_gpu)
+        state.batcher = Batcher(run_batch, max_batch_size=settings.max_batch_size,
+                                max_batch_cost=settings.max_batch_candidates, max_wait_ms=wait_ms,
+                                max_queue_size=settings.max_queue_size, on_batch=on_batch)
+        state.batcher.start()
+        metrics.model_info.info({"version": model.version, "providers": ",".join(model.providers)})
+        app.state.rerank = state
+        state.ready = True
+        log.info("ready: max_batch_size %d, max_wait_ms %.1f, max_queue_size %d", settings.max_batch_size,
+                 wait_ms, settings.max_queue_size)
+        try:
+            yield
+        finally:
+            state.ready, state.draining = False, True
+            await state.batcher.close()
+            await features.close()
+            log.info("drained and stopped")
+
+    app = FastAPI(title="DNR reranking service", version="0.1.0", lifespan=lifespan,
+                  description="Reranks a retriever's candidates with a Denoising Neural Reranker.")
+
+    def state_of(request: Request) -> State:
+        state: State | None = getattr(request.app.state, "rerank", None)
+        if state is None or state.batcher is None:
+            raise errors.NotReady("the service is starting")
+        return state
+
+    @app.exception_handler(errors.ServiceError)
+    async def service_error(request: Request, exc: errors.ServiceError) -> Response:
+        return errors.error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        cls = {404: errors.NotFound, 405: errors.MethodNotAllowed}.get(exc.status_code, errors.InvalidRequest)
+        return errors.error_response(cls(str(exc.detail), "path", request.url.path))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return errors.error_response(errors.InvalidRequest(f"{where}: {err.get('msg')}", where, err.get("input")))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        return errors.error_response(errors.ServiceError("internal error"))
+
+    @app.post("/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": RerankRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+                  "example": RerankRequest.model_config["json_schema_extra"]["examples"][0]}}}})  # type: ignore[index]
+    async def rerank(request: Request) -> Response:
+        """Rerank the candidates; answers in retriever order with ``fallback: true`` if the model fails
+        or the deadline passes first."""
+        started = time.perf_counter()
+        state = state_of(request)
+        try:
+            response = await _rerank(state, request, started)
+        except errors.ServiceError as exc:
+            metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
+            metrics.request_seconds.observe(time.perf_counter() - started)
+            return errors.error_response(exc)
+        metrics.requests.labels(status="2xx").inc()
+        metrics.request_seconds.observe(time.perf_counter() - started)
+        return response
+
+    async def _rerank(state: State, request: Request, started: float) -> Response:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            metrics.rejections.labels(reason="content_type").inc()
+            raise errors.UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}",
+                                              "Content-Type", ctype)
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            req = parse_request(body)
+            model = state.model
+            k = check_request(req, model.max_candidates, model.score_range, settings.default_k,
+                              settings.max_timeout_ms)
+        except errors.ServiceError as exc:
+            metrics.rejections.labels(reason=exc.code).inc()
+            raise
+        timeout_s = (req.timeout_ms or settings.default_timeout_ms) / 1000.0
+        deadline = time.monotonic() - (time.perf_counter() - started) + timeout_s
+
+        t_feat = time.perf_counter()
+        features, source, redis_failed = await state.features.get(req.user_id)
+        metrics.feature_seconds.observe(time.perf_counter() - t_feat)
+        metrics.feature_lookups.labels(source=source).inc()
+        if redis_failed:
+            metrics.redis_errors.inc()
+        if source == "cold_start":
+            metrics.cold_start.inc()
+
+        job = Job([c.item_id for c in req.candidates],
+                  np.fromiter((c.score for c in req.candidates), dtype=np.float32, count=len(req.candidates)),
+                  features, k)
+        reason: str | None = None
+        ranked: Ranked | None = None
+        assert state.batcher is not None
+        try:
+            ranked = await asyncio.wait_for(state.batcher.submit((model, job), deadline, cost=len(job.item_ids)),
+                                            max(deadline - time.monotonic(), 0.0))
+        except QueueFull as exc:
+            metrics.rejections.labels(reason="queue_full").inc()
+            raise errors.Overloaded(f"{exc}; retry later", "queue", state.batcher.depth,
+                                    headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except (DeadlineExceeded, TimeoutError):
+            reason = "deadline"
+        except BatcherClosed:
+            reason = "draining"
+        except Exception:
+            log.exception("inference failed for request %r", req.request_id)
+            reason = "model_error"
+
+        if ranked is None:
+            metrics.fallbacks.labels(reason=reason or "model_error").inc()
+            return json_response({"request_id": req.request_id, "model_version": model.version,
+                                  "items": fallback_items(req, k), "fallback": True, "fallback_reason": reason})
+        if ranked.oov_items:
+            metrics.oov_items.inc(ranked.oov_items)
+        items = [{"item_id": job.item_ids[int(p)], "score": float(s), "rank": r + 1}
+                 for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
+        return json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
+                              "fallback": False, "fallback_reason": None})
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        return json_response({"status": "alive"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        state: State | None = getattr(request.app.state, "rerank", None)
+        if state is None or not state.ready or state.draining:
+            status = "draining" if state is not None and state.draining else "starting"
+            return json_response({"status": status}, 503)
+        return json_response({"status": "ready", "model_version": state.model.version,
+                              "providers": state.model.providers})
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request) -> Response:
+        state: State | None = getattr(request.app.state, "rerank", None)
+        if state is not None and state.batcher is not None:
+            metrics.queue_depth.set(state.batcher.depth)
+            metrics.breaker_open.set(0 if state.features.breaker.state == "closed" else 1)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    async def reload(request: Request, version: str = "") -> Response:
+        """Load ``version`` (default: the newest under RERANK_MODEL_DIR), warm it up, swap atomically.
+        A model that fails validation is refused and the current one keeps serving."""
+        if not settings.admin_token:
+            raise errors.NotFound("admin endpoints are disabled (RERANK_ADMIN_TOKEN is empty)", "path",
+                                  request.url.path)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+            raise errors.Unauthorized("missing or wrong bearer token", "Authorization", None)
+        state = state_of(request)
+        if state.reload_lock.locked():
+            raise errors.Conflict("a reload is already in progress", "version", version)
+        async with state.reload_lock:
+            try:
+                folder = find_version(settings.model_dir, version)
+                new, warm_s = await asyncio.to_thread(load_model, folder, settings)
+                snapshot = await asyncio.to_thread(read_snapshot, folder / "user_features.jsonl")
+            except (ModelError, OSError, ValueError, KeyError) as exc:
+                metrics.reloads.labels(result="refused").inc()
+                log.warning("reload refused, still serving %s: %s", state.model.version, exc)
+                raise errors.InvalidRequest(f"model refused, still serving {state.model.version}: {exc}",
+                                            "version", version or str(settings.model_dir)) from None
+            previous = state.model.version
+            state.model = new  # atomic: one attribute; requests already queued keep their own model
+            state.features.set_snapshot(snapshot)
+            metrics.model_info.info({"version": new.version, "providers": ",".join(new.providers)})
+            metrics.reloads.labels(result="ok").inc()
+            log.info("reloaded %s -> %s (warm-up %.2f s)", previous, new.version, warm_s)
+            return json_response({"model_version": new.version, "previous_version": previous,
+                                  "providers": new.providers, "warmup_s": round(warm_s, 3)})
+
+    return app

@@ -1,0 +1,182 @@
+"""Dynamic batching in front of a synchronous batch function.
+
+Owns: a bounded queue, the flush rule, deadlines, cancellation and fan-out of results and failures.
+Does not know: ONNX, HTTP or what an item is.
+
+Flush rule: take the oldest live request, then every request already queued (up to ``max_batch_size``
+requests and ``max_batch_cost`` cost), waiting at most ``max_wait_ms`` for more; while a batch runs in the
+worker thread, new requests queue, so with ``max_wait_ms = 0`` the next batch is exactly what arrived
+during the previous one (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue_size`` requests; answer 429 now."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch reached the model; it never ran."""
+
+
+class BatcherClosed(Exception):
+    """The batcher is draining or stopped and takes no new requests."""
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    cost: int
+    deadline: float  # time.monotonic() seconds
+    future: asyncio.Future[R]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What one flush did, for metrics: sizes and the queue wait of each request that ran."""
+
+    size: int
+    cost: int
+    queue_waits_s: list[float]
+    expired: int
+    run_s: float
+
+
+class Batcher(Generic[T, R]):
+    """Collects concurrent ``submit`` calls into batches for ``process`` (run in one worker thread)."""
+
+    def __init__(self, process: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_batch_cost: int,
+                 max_wait_ms: float, max_queue_size: int, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.max_batch_cost = max_batch_cost
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._running = 0  # requests inside the worker right now
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue (not the batch in flight)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + self._running
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def submit(self, item: T, deadline: float, cost: int = 1) -> R:
+        """Queue ``item`` and wait for its result. Raises ``QueueFull`` at once when full,
+        ``DeadlineExceeded`` if it expired before running, or whatever ``process`` raised for its batch."""
+        if self._closed:
+            raise BatcherClosed("the batcher is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"queue holds {len(self._queue)} requests (max_queue_size {self.max_queue_size})")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, cost, deadline, future))
+        self._wakeup.set()
+        return await future  # a cancelled caller cancels this future; the loop then skips it
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch, expired = await self._collect()
+            if not batch:
+                self._report(BatchStats(0, 0, [], expired, 0.0))
+                continue
+            await self._run(batch, expired)
+
+    async def _collect(self) -> tuple[list[_Pending[T, R]], int]:
+        """Take live requests up to the limits; expired ones are answered here and never run."""
+        batch: list[_Pending[T, R]] = []
+        cost, expired = 0, 0
+        first_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_batch_size:
+                head = self._queue[0]
+                if batch and cost + head.cost > self.max_batch_cost:
+                    return batch, expired
+                self._queue.popleft()
+                if head.future.done():  # the caller went away
+                    continue
+                if head.deadline <= now:
+                    head.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                    expired += 1
+                    continue
+                batch.append(head)
+                cost += head.cost
+            remaining = first_at + self.max_wait_s - time.monotonic()
+            if len(batch) >= self.max_batch_size or remaining <= 0 or not batch:
+                return batch, expired
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    async def _run(self, batch: list[_Pending[T, R]], expired: int) -> None:
+        started = time.monotonic()
+        waits = [started - p.enqueued for p in batch]
+        self._running = len(batch)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.process, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
+        except Exception as exc:  # one batch failure goes to every caller; the loop lives on
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        else:
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+        finally:
+            self._running = 0
+        self._report(BatchStats(len(batch), sum(p.cost for p in batch), waits, expired,
+                                time.monotonic() - started))
+
+    def _report(self, stats: BatchStats) -> None:
+        if self.on_batch is not None:
+            with contextlib.suppress(Exception):  # metrics must never break serving
+                self.on_batch(stats)
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop taking requests, finish the queued ones (up to ``drain_timeout_s``), stop the loop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+            for p in self._queue:
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed("shut down before this request ran"))
+            self._queue.clear()
+        self._executor.shutdown(wait=True)

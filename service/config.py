@@ -1,0 +1,75 @@
+"""Service settings, read once from ``RERANK_*`` environment variables (and an optional ``.env`` file).
+
+Owns: every tunable with its unit in the name and a device-aware default. Does not know: how any of
+them is used. ``.env.example`` and the README's settings table document the same fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RERANK_", env_file=".env", extra="ignore", protected_namespaces=(),
+                                      env_ignore_empty=True)
+
+    # --- model
+    model_dir: Path = Field(Path("models"), description="folder of model versions, or one version folder")
+    model_version: str = Field("", description="version to serve; empty = newest manifest under model_dir")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per inference; 0 = its default")
+
+    # --- request limits
+    default_k: int = Field(6, ge=1, description="items returned when the request gives no k")
+    default_timeout_ms: float = Field(100.0, gt=0, description="deadline when the request gives no timeout_ms")
+    max_timeout_ms: float = Field(10_000.0, gt=0, description="largest timeout_ms a request may ask for")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger bodies get 413")
+
+    # --- batcher (None = device-aware default, see resolved_batching)
+    max_batch_size: int = Field(64, ge=1, description="requests per inference batch")
+    max_batch_candidates: int = Field(64 * 50, ge=1, description="candidates (rows x list length) per batch")
+    max_wait_ms: float | None = Field(None, ge=0, description="wait for a batch to fill; default 0 on CPU, 2 on GPU")
+    max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
+
+    # --- features
+    redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")
+    redis_timeout_ms: float = Field(20.0, gt=0, description="per Redis call, then the feature falls back")
+    redis_pool_size: int = Field(32, ge=1, description="Redis connections per process")
+    feature_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of feature keys written to Redis")
+    local_cache_ttl_s: float = Field(30.0, ge=0, description="in-process feature cache TTL; 0 disables it")
+    local_cache_size: int = Field(100_000, ge=0, description="in-process feature cache entries")
+    breaker_failures: int = Field(3, ge=1, description="consecutive Redis failures that open the breaker")
+    breaker_reset_s: float = Field(5.0, gt=0, description="open breaker waits this long before a trial call")
+
+    # --- operations
+    admin_token: str = Field("", description="bearer token for /admin/*; empty disables admin endpoints")
+    host: str = Field("127.0.0.1", description="bind address for `python -m service`")
+    port: int = Field(8000, ge=1, le=65535, description="bind port for `python -m service`")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"'{value}' is not a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Settings:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(f"default_timeout_ms {self.default_timeout_ms} exceeds max_timeout_ms "
+                             f"{self.max_timeout_ms}")
+        return self
+
+    def resolved_max_wait_ms(self, on_gpu: bool) -> float:
+        """On CPU never wait: the batch is whatever queued while the previous one ran. On GPU a short
+        wait fills batches the device runs in about the same time as one request."""
+        if self.max_wait_ms is not None:
+            return self.max_wait_ms
+        return 2.0 if on_gpu else 0.0

@@ -1,0 +1,48 @@
+"""Every Prometheus metric the service exports, declared once.
+
+Owns: names (``rerank_`` prefix, seconds, ``_total`` counters), labels (never user or item ids) and
+buckets. Does not know: when they are observed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Latency buckets from 0.5 ms to 2.5 s: the interesting range on CPU and GPU alike.
+SECONDS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5,
+           1.0, 2.5)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """One registry per app instance, so tests can build apps side by side."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("rerank_requests_total", "Answered /rerank requests by HTTP status class",
+                                ["status"], registry=r)
+        self.request_seconds = Histogram("rerank_request_duration_seconds", "Time in the /rerank handler",
+                                         buckets=SECONDS, registry=r)
+        self.feature_seconds = Histogram("rerank_feature_duration_seconds", "User feature lookup",
+                                         buckets=SECONDS, registry=r)
+        self.queue_seconds = Histogram("rerank_queue_wait_seconds", "Time from enqueue to batch start",
+                                       buckets=SECONDS, registry=r)
+        self.inference_seconds = Histogram("rerank_inference_duration_seconds",
+                                           "One batch: encode + ONNX Runtime + top-k", buckets=SECONDS, registry=r)
+        self.batch_size = Histogram("rerank_batch_size", "Requests per inference batch", buckets=BATCH_SIZES,
+                                    registry=r)
+        self.queue_depth = Gauge("rerank_queue_depth", "Requests waiting for a batch", registry=r)
+        self.feature_lookups = Counter("rerank_feature_lookups_total", "Which layer answered a feature lookup",
+                                       ["source"], registry=r)
+        self.redis_errors = Counter("rerank_redis_errors_total", "Failed or timed-out Redis calls", registry=r)
+        self.breaker_open = Gauge("rerank_redis_breaker_open", "1 while the Redis circuit breaker is open",
+                                  registry=r)
+        self.oov_items = Counter("rerank_oov_items_total", "Candidates unknown to the model", registry=r)
+        self.cold_start = Counter("rerank_cold_start_users_total", "Requests for users with no features",
+                                  registry=r)
+        self.fallbacks = Counter("rerank_fallbacks_total", "Answers in retriever order", ["reason"], registry=r)
+        self.rejections = Counter("rerank_rejections_total", "Requests refused", ["reason"], registry=r)
+        self.expired = Counter("rerank_deadline_expired_total", "Requests dropped before the model (deadline)",
+                               registry=r)
+        self.model_info = Info("rerank_model", "The model version being served", registry=r)
+        self.reloads = Counter("rerank_model_reloads_total", "Hot reload attempts", ["result"], registry=r)

@@ -1,0 +1,219 @@
+"""One exported model version: manifest validation, the ONNX Runtime session, encoding and inference.
+
+Owns: checking ``models/<version>/`` against its manifest and checksums, the execution providers (and
+which one really runs), raw ids -> indices, padding a batch, and top-k. Synchronous and pure: arrays
+in, scores out, one row per request. Does not know: asyncio, HTTP, Redis or batching policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("rerank.model")
+
+FORMAT = "dnr-reranker/v1"
+# What this service feeds: name -> ONNX Runtime type string. A model that wants anything else is refused.
+EXPECTED_INPUTS = {"items": "tensor(int64)", "scores": "tensor(float)", "mask": "tensor(bool)",
+                   "history": "tensor(int64)", "profile": "tensor(int64)"}
+EXPECTED_OUTPUT = ("logits", "tensor(float)")
+
+
+class ModelError(RuntimeError):
+    """The model folder does not match its contract; the message says which part."""
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """Raw, model-independent user features: profile values by field name, item ids oldest first."""
+
+    profile: dict[str, str]
+    history: tuple[str, ...]
+
+
+COLD_START = UserFeatures({}, ())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as the model sees it: candidates in request order."""
+
+    item_ids: list[str]
+    scores: np.ndarray  # (n,) float32
+    features: UserFeatures
+    k: int
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Top-k of one request: candidate positions (into the request's list) and their logits."""
+
+    positions: np.ndarray  # (k,) int
+    logits: np.ndarray  # (k,) float32
+    oov_items: int
+    version: str  # the model version that ranked it
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load ``manifest.json`` and check format, checksums and the fields the service relies on."""
+    path = folder / "manifest.json"
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no manifest") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{path}: format {manifest.get('format')!r}, this service reads {FORMAT!r}")
+    for key in ("version", "graph", "max_candidates", "history_len", "score_range", "items", "profile_fields",
+                "files"):
+        if key not in manifest:
+            raise ModelError(f"{path}: missing key {key!r}")
+    for name, meta in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise ModelError(f"{file}: listed in the manifest but missing")
+        if sha256(file) != meta.get("sha256"):
+            raise ModelError(f"{file}: sha256 does not match the manifest")
+    for name in (manifest["graph"]["file"], manifest["items"]["file"]):
+        if name not in manifest["files"]:
+            raise ModelError(f"{path}: {name} has no checksum in the manifest")
+    return manifest
+
+
+def resolve_providers(choice: str) -> list[str]:
+    """'cuda' and 'auto' ask for CUDA first when this onnxruntime build has it; CPU is always last."""
+    available = ort.get_available_providers()
+    if choice in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if choice == "cuda":
+        log.warning("RERANK_PROVIDERS=cuda but this onnxruntime has no CUDA provider (%s); using CPU", available)
+    return ["CPUExecutionProvider"]
+
+
+class RerankModel:
+    """A validated, warmed-up model version. Thread-safe for ``rank`` (ONNX Runtime's ``run`` is)."""
+
+    def __init__(self, folder: Path, providers: str = "auto", intra_op_threads: int = 0) -> None:
+        self.folder = folder
+        self.manifest = read_manifest(folder)
+        m = self.manifest
+        self.version: str = m["version"]
+        self.max_candidates: int = int(m["max_candidates"])
+        self.history_len: int = int(m["history_len"])
+        self.score_range = (float(m["score_range"][0]), float(m["score_range"][1]))
+        raw_ids = json.loads((folder / m["items"]["file"]).read_text())
+        if len(raw_ids) != m["items"]["count"]:
+            raise ModelError(f"{folder}: items file has {len(raw_ids)} ids, manifest says {m['items']['count']}")
+        first = int(m["items"]["first_index"])
+        self.oov_index = int(m["items"]["oov_index"])
+        self.item_index = {str(raw): i + first for i, raw in enumerate(raw_ids)}
+        self.profile_fields = [f["name"] for f in m["profile_fields"]]
+        self.profile_index = [{str(v): i + 1 for i, v in enumerate(f["vocab"])} for f in m["profile_fields"]]
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(str(folder / m["graph"]["file"]), options,
+                                                providers=resolve_providers(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+            raise ModelError(f"{folder / m['graph']['file']}: ONNX Runtime refused the graph ({exc})") from None
+        got = {i.name: i.type for i in self.session.get_inputs()}
+        if got != EXPECTED_INPUTS:
+            raise ModelError(f"{folder}: graph inputs {got} differ from what the service feeds {EXPECTED_INPUTS}")
+        out = self.session.get_outputs()[0]
+        if (out.name, out.type) != EXPECTED_OUTPUT:
+            raise ModelError(f"{folder}: graph output {(out.name, out.type)} is not {EXPECTED_OUTPUT}")
+        # What really runs: the requested list minus what failed to initialise.
+        self.providers: list[str] = self.session.get_providers()
+        self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 64)) -> float:
+        """Run dummy batches of full-length lists so the first real request pays no allocation; seconds."""
+        t0 = time.perf_counter()
+        known = next(iter(self.item_index), "")
+        for b in batch_sizes:
+            n = self.max_candidates
+            jobs = [Job([known] * n, np.linspace(1, 0, n, dtype=np.float32), UserFeatures({}, (known,)), 1)] * b
+            self.rank(jobs)
+        return time.perf_counter() - t0
+
+    def encode(self, jobs: list[Job]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Pad ``jobs`` into one feed; also returns each job's count of out-of-vocabulary items."""
+        b = len(jobs)
+        n = max(len(j.item_ids) for j in jobs)
+        items = np.zeros((b, n), dtype=np.int64)
+        scores = np.zeros((b, n), dtype=np.float32)
+        mask = np.zeros((b, n), dtype=bool)
+        history = np.zeros((b, self.history_len), dtype=np.int64)
+        profile = np.zeros((b, len(self.profile_fields)), dtype=np.int64)
+        oov: list[int] = []
+        index, unknown = self.item_index, self.oov_index
+        for row, job in enumerate(jobs):
+            m = len(job.item_ids)
+            ids = [index.get(i, unknown) for i in job.item_ids]
+            items[row, :m] = ids
+            scores[row, :m] = job.scores
+            mask[row, :m] = True
+            oov.append(ids.count(unknown))
+            past = [index.get(i, unknown) for i in job.features.history[-self.history_len :]]
+            if past:
+                history[row, -len(past) :] = past
+            for col, (name, vocab) in enumerate(zip(self.profile_fields, self.profile_index, strict=True)):
+                profile[row, col] = vocab.get(job.features.profile.get(name, ""), 0)
+        return {"items": items, "scores": scores, "mask": mask, "history": history, "profile": profile}, oov
+
+    def infer(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, L) logits for one padded feed."""
+        logits: np.ndarray = self.session.run(["logits"], feed)[0]
+        return logits
+
+    def rank(self, jobs: list[Job]) -> list[Ranked]:
+        """Top-k of every job, best first; ties keep the request order."""
+        feed, oov = self.encode(jobs)
+        logits = self.infer(feed)
+        out = []
+        for row, job in enumerate(jobs):
+            scores = logits[row, : len(job.item_ids)]
+            order = np.argsort(-scores, kind="stable")[: job.k]
+            out.append(Ranked(order, scores[order], oov[row], self.version))
+        return out
+
+
+def find_version(root: Path, version: str = "") -> Path:
+    """The folder to serve: ``root`` itself if it holds a manifest, ``root/version``, or the newest
+    manifest (by its created_at) under ``root``."""
+    if (root / "manifest.json").is_file() and not version:
+        return root
+    if version:
+        folder = root / version
+        if not (folder / "manifest.json").is_file():
+            raise ModelError(f"{folder}: no such model version (no manifest.json)")
+        return folder
+    candidates = []
+    for manifest in root.glob("*/manifest.json"):
+        try:
+            candidates.append((json.loads(manifest.read_text()).get("created_at", ""), manifest.parent))
+        except (OSError, ValueError):
+            continue
+    if not candidates:
+        raise ModelError(f"{root}: no model version found (run `make model` or `python -m training pipeline`)")
+    return max(candidates)[1]

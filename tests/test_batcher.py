@@ -1,0 +1,182 @@
+"""Batcher logic with a fake process gated on a threading.Event (it runs in the worker thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
+
+FAR = 3600.0
+
+
+class Gate:
+    """process(): records each batch, blocks until opened, fails a batch holding "boom"."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.batches: list[list[str]] = []
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[str]) -> Sequence[str]:
+        self.batches.append(list(items))
+        self.entered.set()
+        self.open.wait(10)
+        if "boom" in items:
+            raise RuntimeError("model exploded")
+        return [f"done:{i}" for i in items]
+
+
+def deadline(seconds: float = FAR) -> float:
+    return time.monotonic() + seconds
+
+
+async def wait_entered(gate: Gate) -> None:
+    await asyncio.to_thread(gate.entered.wait, 5)
+    gate.entered.clear()
+
+
+def make(gate: Gate, **kwargs: float) -> Batcher[str, str]:
+    opts = {"max_batch_size": 4, "max_batch_cost": 1000, "max_wait_ms": 0.0, "max_queue_size": 100}
+    opts.update(kwargs)
+    b: Batcher[str, str] = Batcher(gate, **opts)  # type: ignore[arg-type]
+    b.start()
+    return b
+
+
+async def test_size_trigger_splits_what_queued_during_a_batch() -> None:
+    gate = Gate()
+    b = make(gate)
+    first = asyncio.create_task(b.submit("a0", deadline()))
+    await wait_entered(gate)  # a0 runs alone; the rest queue behind it
+    rest = [asyncio.create_task(b.submit(f"a{i}", deadline())) for i in range(1, 10)]
+    await asyncio.sleep(0.01)
+    assert b.depth == 9
+    gate.open.set()
+    results = await asyncio.gather(first, *rest)
+    assert results == [f"done:a{i}" for i in range(10)]
+    assert [len(x) for x in gate.batches] == [1, 4, 4, 1]
+    await b.close()
+
+
+async def test_cost_limit_splits_batches() -> None:
+    gate = Gate()
+    gate.open.set()
+    b = make(gate, max_batch_size=100, max_batch_cost=100)
+    # Queue three requests of cost 50 before the loop runs: two fit in one batch, the third waits.
+    tasks = [asyncio.create_task(b.submit(f"c{i}", deadline(), cost=50)) for i in range(3)]
+    await asyncio.gather(*tasks)
+    assert [len(x) for x in gate.batches] == [2, 1]
+    await b.close()
+
+
+async def test_wait_trigger_gathers_late_arrivals() -> None:
+    gate = Gate()
+    gate.open.set()
+    b = make(gate, max_batch_size=10, max_wait_ms=300.0)
+    t1 = asyncio.create_task(b.submit("w1", deadline()))
+    await asyncio.sleep(0.02)  # well inside the 300 ms wait
+    t2 = asyncio.create_task(b.submit("w2", deadline()))
+    await asyncio.gather(t1, t2)
+    assert gate.batches == [["w1", "w2"]]
+    await b.close()
+
+
+async def test_no_wait_on_cpu_runs_alone() -> None:
+    gate = Gate()
+    gate.open.set()
+    b = make(gate, max_batch_size=10, max_wait_ms=0.0)
+    assert await b.submit("x1", deadline()) == "done:x1"
+    assert await b.submit("x2", deadline()) == "done:x2"
+    assert gate.batches == [["x1"], ["x2"]]
+    await b.close()
+
+
+async def test_full_queue_refuses_at_once() -> None:
+    gate = Gate()
+    b = make(gate, max_queue_size=2)
+    running = asyncio.create_task(b.submit("r0", deadline()))
+    await wait_entered(gate)
+    queued = [asyncio.create_task(b.submit(f"q{i}", deadline())) for i in range(2)]
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(QueueFull, match="max_queue_size 2"):
+        await b.submit("overflow", deadline())
+    assert time.perf_counter() - t0 < 0.05
+    gate.open.set()
+    await asyncio.gather(running, *queued)
+    assert all("overflow" not in batch for batch in gate.batches)
+    await b.close()
+
+
+async def test_expired_request_never_reaches_the_model() -> None:
+    gate = Gate()
+    stats: list[BatchStats] = []
+    b: Batcher[str, str] = Batcher(gate, max_batch_size=4, max_batch_cost=100, max_wait_ms=0.0,
+                                   max_queue_size=10, on_batch=stats.append)
+    b.start()
+    running = asyncio.create_task(b.submit("slow", deadline()))
+    await wait_entered(gate)
+    late = asyncio.create_task(b.submit("late", deadline(0.02)))
+    fine = asyncio.create_task(b.submit("fine", deadline()))
+    await asyncio.sleep(0.05)  # "late" expires while queued
+    gate.open.set()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert await running == "done:slow" and await fine == "done:fine"
+    assert not any("late" in batch for batch in gate.batches)
+    assert sum(s.expired for s in stats) == 1
+    await b.close()
+
+
+async def test_cancelled_caller_is_skipped() -> None:
+    gate = Gate()
+    b = make(gate)
+    running = asyncio.create_task(b.submit("first", deadline()))
+    await wait_entered(gate)
+    gone = asyncio.create_task(b.submit("gone", deadline()))
+    kept = asyncio.create_task(b.submit("kept", deadline()))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    gate.open.set()
+    assert await kept == "done:kept" and await running == "done:first"
+    assert gone.cancelled()
+    assert all("gone" not in batch for batch in gate.batches)
+    await b.close()
+
+
+async def test_batch_failure_reaches_every_caller_and_the_loop_lives_on() -> None:
+    gate = Gate()
+    b = make(gate)
+    running = asyncio.create_task(b.submit("first", deadline()))
+    await wait_entered(gate)
+    doomed = [asyncio.create_task(b.submit(x, deadline())) for x in ("boom", "bystander")]
+    await asyncio.sleep(0.01)
+    gate.open.set()
+    await running
+    for task in doomed:
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await task
+    assert await b.submit("after", deadline()) == "done:after"
+    await b.close()
+
+
+async def test_close_drains_queued_requests_then_refuses() -> None:
+    gate = Gate()
+    b = make(gate)
+    running = asyncio.create_task(b.submit("r", deadline()))
+    await wait_entered(gate)
+    queued = [asyncio.create_task(b.submit(f"q{i}", deadline())) for i in range(3)]
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(b.close())
+    await asyncio.sleep(0.01)
+    with pytest.raises(BatcherClosed):
+        await b.submit("late", deadline())
+    gate.open.set()
+    await closing
+    assert await running == "done:r"
+    assert [await q for q in queued] == ["done:q0", "done:q1", "done:q2"]

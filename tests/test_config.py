@@ -1,0 +1,51 @@
+"""Settings: environment parsing, refusals, and .env.example staying in step with the fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_env_example_documents_every_setting() -> None:
+    documented = {line.split("=")[0] for line in (ROOT / ".env.example").read_text().splitlines()
+                  if line.startswith("RERANK_")}
+    assert documented == {f"RERANK_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_env_example_loads_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert s == Settings(_env_file=None)
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("RERANK_REDIS_URL", "rediss://:secret@cache:6380/1")
+    s = Settings(_env_file=None)
+    assert s.max_batch_size == 8 and s.redis_url.startswith("rediss://")
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("RERANK_MAX_BATCH_SIZE", "0", "max_batch_size"),
+    ("RERANK_PROVIDERS", "tpu", "providers"),
+    ("RERANK_DEFAULT_TIMEOUT_MS", "20000", "default_timeout_ms 20000.0 exceeds max_timeout_ms"),
+    ("RERANK_PORT", "http", "port"),
+])
+def test_nonsense_is_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                                message: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings(_env_file=None)
+
+
+def test_wait_defaults_by_device() -> None:
+    s = Settings(_env_file=None)
+    assert s.resolved_max_wait_ms(on_gpu=False) == 0.0 and s.resolved_max_wait_ms(on_gpu=True) == 2.0
+    assert Settings(_env_file=None, max_wait_ms=5).resolved_max_wait_ms(on_gpu=False) == 5.0

@@ -1,0 +1,127 @@
+"""End to end over real HTTP (uvicorn on a free port) with a real redis-server and ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import RedisServer, ServiceThread, service_settings
+
+
+def heldout(model_root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (model_root / "tiny-v1" / "heldout.jsonl").read_text().splitlines()]
+
+
+def test_online_top6_equals_offline_top6(model_root: Path, redis_server: RedisServer) -> None:
+    """Every held-out test list: the service's top 6 is the offline evaluation's top 6, features from
+    Redis (after the first pass backfills it) or the snapshot."""
+    rows = heldout(model_root)
+    settings = service_settings(model_root, redis_url=redis_server.url, local_cache_ttl_s=0)
+    with ServiceThread(settings) as svc, httpx.Client(base_url=svc.url, timeout=10) as http:
+        for attempt in ("snapshot", "redis"):
+            mismatched = []
+            for row in rows:
+                r = http.post("/rerank", json=row["request"])
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["fallback"] is False
+                if [i["item_id"] for i in out["items"]] != row["offline_topk"]:
+                    mismatched.append(row["request"]["request_id"])
+            assert mismatched == [], f"{attempt}: {len(mismatched)} of {len(rows)} lists differ"
+        text = http.get("/metrics").text
+        assert 'rerank_feature_lookups_total{source="redis"}' in text
+
+
+async def _stream(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(body: dict[str, Any]) -> httpx.Response:
+            async with sem:
+                return await client.post("/rerank", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_hot_reload_during_a_stream_fails_no_request(model_root: Path) -> None:
+    rows = heldout(model_root)
+    bodies = [rows[i % len(rows)]["request"] | {"timeout_ms": 5000} for i in range(600)]
+    auth = {"authorization": "Bearer test-token"}
+    with ServiceThread(service_settings(model_root)) as svc, httpx.Client(base_url=svc.url, timeout=60) as http:
+
+        async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            stream = asyncio.create_task(_stream(svc.url, bodies, concurrency=8))
+            await asyncio.sleep(0.2)
+            reloads = []
+            async with httpx.AsyncClient(base_url=svc.url, timeout=60) as admin:
+                for version in ("tiny-v2", "tiny-v1", "tiny-v2"):
+                    reloads.append(await admin.post(f"/admin/reload?version={version}", headers=auth))
+            return await stream, reloads
+
+        responses, reloads = asyncio.run(run())
+        assert [r.status_code for r in reloads] == [200, 200, 200], [r.text for r in reloads]
+        assert all(r.status_code == 200 for r in responses)
+        assert not any(r.json()["fallback"] for r in responses)
+        versions = {r.json()["model_version"] for r in responses}
+        assert versions == {"tiny-v1", "tiny-v2"}, versions
+        assert http.get("/readyz").json()["model_version"] == "tiny-v2"
+
+
+def test_corrupted_or_missing_model_is_refused_and_the_old_one_keeps_serving(model_root: Path,
+                                                                             tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(model_root / "tiny-v1", root / "tiny-v1")
+    shutil.copytree(model_root / "tiny-v1", root / "tiny-bad")
+    with open(root / "tiny-bad" / "model.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    shutil.copytree(model_root / "tiny-v1", root / "tiny-wrong-format")
+    manifest = json.loads((root / "tiny-wrong-format" / "manifest.json").read_text())
+    manifest["format"] = "something-else/v9"
+    (root / "tiny-wrong-format" / "manifest.json").write_text(json.dumps(manifest))
+    body = heldout(model_root)[0]["request"]
+    auth = {"authorization": "Bearer test-token"}
+    with ServiceThread(service_settings(root)) as svc, httpx.Client(base_url=svc.url, timeout=60) as http:
+        for version, reason in (("tiny-bad", "sha256 does not match"), ("tiny-wrong-format", "format"),
+                                ("no-such-version", "no such model version")):
+            r = http.post(f"/admin/reload?version={version}", headers=auth)
+            assert r.status_code == 422 and reason in r.json()["error"]["message"], r.text
+            served = http.post("/rerank", json=body)
+            assert served.status_code == 200 and served.json()["model_version"] == "tiny-v1"
+            assert served.json()["fallback"] is False
+        assert 'rerank_model_reloads_total{result="refused"} 3.0' in http.get("/metrics").text
+
+
+def test_overload_answers_429_with_retry_after_fast(model_root: Path) -> None:
+    settings = service_settings(model_root, max_queue_size=2, max_batch_size=1)
+    bodies = [heldout(model_root)[0]["request"] | {"timeout_ms": 5000}] * 40
+    with ServiceThread(settings) as svc:
+        model = svc.app.state.rerank.model
+        original = model.rank
+
+        def slow(jobs: Any) -> Any:
+            time.sleep(0.05)
+            return original(jobs)
+
+        model.rank = slow
+        responses = asyncio.run(_stream(svc.url, bodies, concurrency=40))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429}, codes
+    rejected = [r for r in responses if r.status_code == 429]
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded" for r in rejected)
+    assert all(not r.json()["fallback"] for r in responses if r.status_code == 200)
+    assert max(r.elapsed.total_seconds() for r in rejected) < 0.5
+
+
+def test_service_starts_and_serves_without_redis(model_root: Path) -> None:
+    with ServiceThread(service_settings(model_root)) as svc, \
+            httpx.Client(base_url=svc.url, timeout=10) as http:
+        assert http.get("/readyz").status_code == 200
+        r = http.post("/rerank", json=heldout(model_root)[1]["request"])
+        assert r.status_code == 200 and not r.json()["fallback"]
