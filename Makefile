@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
-DEFAULT_VARIANT ?= prm
+DEFAULT_VARIANT ?= prm-weight
 
 .PHONY: test lint typecheck pytest redis serve model pipeline clean
 
@@ -24,7 +24,7 @@ redis:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
 
 lint: $(STAMP)
-	$(PY) -m ruff check training service tests
+	$(PY) -m ruff check training service tests loadtest
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict service

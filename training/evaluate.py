@@ -150,7 +150,8 @@ def write_report(out_dir: Path, dataset: Dataset, runs: list[Run], info: dict[st
         *timing,
         "",
         f"Best variant on validation N@6: **{info.get('best_variant', best_variant(runs))}**. "
-        f"Whole command wall time: {info.get('wall_seconds', float('nan')):.0f} s.",
+        f"Data, retriever, training and evaluation wall time: {info.get('wall_seconds', float('nan')):.0f} s "
+        "(the export follows).",
         "",
         "## Settings",
         "",
