@@ -125,3 +125,37 @@ def test_service_starts_and_serves_without_redis(model_root: Path) -> None:
         assert http.get("/readyz").status_code == 200
         r = http.post("/rerank", json=heldout(model_root)[1]["request"])
         assert r.status_code == 200 and not r.json()["fallback"]
+
+
+def metric_value(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_redis_killed_and_restarted_under_requests(model_root: Path, redis_server: RedisServer) -> None:
+    """Every request is answered by the model while Redis dies and comes back; the breaker opens and closes."""
+    rows = heldout(model_root)
+    settings = service_settings(model_root, redis_url=redis_server.url, local_cache_ttl_s=0, breaker_failures=2,
+                                breaker_reset_s=0.3, redis_timeout_ms=50)
+    with ServiceThread(settings) as svc, httpx.Client(base_url=svc.url, timeout=10) as http:
+
+        def burst(n: int) -> list[httpx.Response]:
+            return [http.post("/rerank", json=rows[i % len(rows)]["request"]) for i in range(n)]
+
+        assert all(r.status_code == 200 and not r.json()["fallback"] for r in burst(20))
+        redis_server.stop()
+        down = burst(30)
+        assert all(r.status_code == 200 and not r.json()["fallback"] for r in down)
+        assert metric_value(http, "rerank_redis_breaker_open") == 1.0
+        assert metric_value(http, "rerank_redis_errors_total") >= 2
+        redis_server.start()
+        time.sleep(0.4)
+        deadline = time.monotonic() + 10
+        while metric_value(http, "rerank_redis_breaker_open") != 0.0 and time.monotonic() < deadline:
+            assert all(r.status_code == 200 for r in burst(5))
+            time.sleep(0.1)
+        assert metric_value(http, "rerank_redis_breaker_open") == 0.0
+        up = burst(20)
+        assert all(r.status_code == 200 and not r.json()["fallback"] for r in up)
