@@ -36,8 +36,8 @@ class TrainConfig:
     batch_size: int = field(default=512, metadata={"help": "lists per batch (paper: 2048 on ML-1M)"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (paper: 1e-3)"})
-    # 64 / 1 layer rather than the paper's 128 / 2: 4.5 s instead of 26 s an epoch on 2 cores, and on
-    # ML-100K one seed of each reached the same validation N@6 (28.5 vs 28.4; README, deviations).
+    # 64 / 1 layer rather than the paper's 128 / 2: ~7.5 s instead of ~26 s an epoch on 2 cores, and on
+    # ML-100K one seed of each reached the same validation N@6 in a 12-epoch probe (README, deviations).
     hidden: int = field(default=64, metadata={"help": "hidden size (paper: 128)"})
     heads: int = field(default=2, metadata={"help": "attention heads"})
     layers: int = field(default=1, metadata={"help": "transformer layers over the candidates (paper size: 2)"})
