@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
 DEFAULT_VARIANT ?= prm-weight
 
-.PHONY: test lint typecheck pytest redis serve model pipeline clean
+.PHONY: test lint typecheck validate pytest redis serve model pipeline bench loadtest clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ redis:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi; }
 
 lint: $(STAMP)
-	$(PY) -m ruff check training service tests loadtest
+	$(PY) -m ruff check training service tests loadtest deploy
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict service
@@ -33,7 +33,13 @@ typecheck: $(STAMP)
 pytest: $(STAMP) redis
 	$(PY) -m pytest -q
 
-test: lint typecheck pytest
+# Deployment files, without a Docker daemon: Dockerfile lint, compose schema, Kubernetes schemas (strict).
+validate: $(STAMP)
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/docker-compose -f deploy/docker-compose.yml config --quiet
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+
+test: lint typecheck validate pytest
 
 # A servable model in about a minute: one seed of DEFAULT_VARIANT on ML-100K.
 model: $(STAMP)

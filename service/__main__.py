@@ -21,6 +21,9 @@ from pathlib import Path
 
 from service.config import Settings
 
+# After SIGTERM, in-flight requests get this long to finish (deploy/ grace periods are longer).
+GRACEFUL_SHUTDOWN_S = 30
+
 
 def serve(settings: Settings) -> None:
     import uvicorn
@@ -30,7 +33,8 @@ def serve(settings: Settings) -> None:
     # One event loop, one worker: batching needs every request in the same process. Scale out with
     # replicas (deploy/), not with uvicorn workers.
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=30, access_log=False)
+                            log_level=settings.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            access_log=False)
     uvicorn.Server(config).run()
 
 

@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# The reranking service image: no torch, non-root, CPU by default.
+#
+#   docker build -t dnr-rerank .                                  # CPU (onnxruntime)
+#   docker build --build-arg RUNTIME=gpu -t dnr-rerank:gpu .      # CUDA 12 + cuDNN 9 (onnxruntime-gpu)
+#   docker build --target baked -t dnr-rerank:baked .             # also copies ./models into /models
+#
+# Without the baked target, mount a model folder read-only at /models (deploy/docker-compose.yml does).
+ARG RUNTIME=cpu
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG ORT_GPU_VERSION=1.23.2
+
+FROM ${PYTHON_IMAGE} AS cpu-base
+ENV VENV=/opt/venv
+RUN python -m venv "$VENV"
+
+FROM ${CUDA_IMAGE} AS gpu-base
+ENV VENV=/opt/venv
+# Ubuntu 24.04's python3 is 3.12; only the interpreter and venv are needed.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VENV"
+
+FROM ${RUNTIME}-base AS runtime
+ARG RUNTIME
+ARG ORT_GPU_VERSION
+ENV PATH="/opt/venv/bin:$PATH" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    RERANK_HOST=0.0.0.0 \
+    RERANK_PORT=8000 \
+    RERANK_MODEL_DIR=/models
+WORKDIR /app
+# Only the service package: the image never carries training/ or torch.
+COPY pyproject.toml README.md ./
+COPY service ./service
+# onnxruntime and onnxruntime-gpu share one import name: on GPU swap the wheel after the base install.
+RUN pip install --no-cache-dir . \
+    && if [ "$RUNTIME" = "gpu" ]; then \
+         pip uninstall -y onnxruntime && pip install --no-cache-dir "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
+       fi \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rerank \
+    && mkdir -p /models
+USER 10001
+EXPOSE 8000
+# Ready = model validated and warmed up; a plain urllib call keeps curl out of the image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
+# SIGTERM (docker stop, Kubernetes) drains: in-flight requests finish, the batcher empties, Redis closes.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "service"]
+
+FROM runtime AS baked
+COPY --chown=10001:10001 models/ /models/

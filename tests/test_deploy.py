@@ -1,0 +1,151 @@
+"""Deployment files agree with the service they deploy (`make validate` checks their schemas).
+
+Each check reads the real file and the real service: a renamed metric, setting, route or port breaks a test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+
+from service.__main__ import GRACEFUL_SHUTDOWN_S
+from service.config import Settings
+from service.features import Source
+from service.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SETTING_VARS = {f"RERANK_{name.upper()}" for name in Settings.model_fields}
+PORT = Settings.model_fields["port"].default
+
+
+def exported_samples() -> set[str]:
+    """Every sample name the service's registry can expose."""
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
+    return {fam.name + s for fam in Metrics().registry.collect() for s in suffixes[fam.type]}
+
+
+def load_yaml(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def k8s(kind: str) -> dict[str, Any]:
+    docs = [d for p in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in load_yaml(p) if d["kind"] == kind]
+    assert len(docs) == 1, f"expected one {kind}, found {len(docs)}"
+    return docs[0]
+
+
+def routes() -> set[str]:
+    from service.app import create_app
+
+    return {r.path for r in create_app(Settings(_env_file=None)).routes}  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------- grafana
+
+
+def test_dashboard_json_is_the_generator_output() -> None:
+    sys.path.insert(0, str(DEPLOY / "grafana"))
+    try:
+        import dashboard
+    finally:
+        sys.path.pop(0)
+    assert (DEPLOY / "grafana" / "dashboards" / "rerank.json").read_text() == dashboard.render(), \
+        "run `python deploy/grafana/dashboard.py`"
+
+
+def test_dashboard_queries_name_only_exported_metrics_and_labels() -> None:
+    board = json.loads((DEPLOY / "grafana" / "dashboards" / "rerank.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\brerank_[a-z_]+", e)}
+    assert used - exported_samples() == set()
+    wanted = {"request", "latency", "queue", "batch", "cache", "fallback", "rejection", "model version"}
+    titles = " ".join(p["title"].lower() for p in board["panels"])
+    assert {w for w in wanted if w not in titles} == set()
+    sources = {v for e in exprs for m in re.findall(r'source=~?"([^"]+)"', e) for v in m.split("|")}
+    assert sources and sources <= set(get_args(Source))
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
+    compose = load_yaml(DEPLOY / "docker-compose.yml")[0]["services"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in compose["grafana"]["volumes"]}
+    provider = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "rerank.yml")[0]["providers"][0]
+    folder = provider["options"]["path"]
+    assert (DEPLOY / mounts[folder] / "rerank.json").is_file()
+    source = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"][0]
+    assert source["url"] == f"http://prometheus:{compose['prometheus']['ports'][0].split(':')[1]}"
+
+
+# --------------------------------------------------------------------------------------------- compose
+
+
+def test_compose_wires_service_redis_and_prometheus() -> None:
+    services = load_yaml(DEPLOY / "docker-compose.yml")[0]["services"]
+    assert {"rerank", "redis", "prometheus", "grafana"} <= set(services)
+    rerank = services["rerank"]
+    env = rerank["environment"]
+    assert set(env) <= SETTING_VARS
+    Settings(_env_file=None, **{k.removeprefix("RERANK_").lower(): v for k, v in env.items() if "${" not in v})
+    assert env["RERANK_REDIS_URL"].startswith("redis://redis:")
+    assert rerank["ports"] == [f"{env['RERANK_PORT']}:{env['RERANK_PORT']}"]
+    assert "../models:/models:ro" in rerank["volumes"] and env["RERANK_MODEL_DIR"] == "/models"
+    assert rerank["read_only"] is True
+    grace = int(rerank["stop_grace_period"].removesuffix("s"))
+    assert grace > GRACEFUL_SHUTDOWN_S
+    scrape = load_yaml(DEPLOY / "prometheus.yml")[0]["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == [f"rerank:{env['RERANK_PORT']}"]
+    assert scrape["metrics_path"] in routes()
+
+
+# ------------------------------------------------------------------------------------------ Dockerfile
+
+
+def test_dockerfile_is_non_root_without_torch_and_checks_readiness() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and all(u not in ("root", "0") for u in users)
+    instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "torch" not in instructions and "[train" not in instructions
+    assert not re.search(r"^COPY .*\btraining\b", text, re.M)
+    health = re.search(r"^HEALTHCHECK .*?CMD (.*?)$", text, re.M | re.S)
+    assert health and "/readyz" in health.group(1) and "/readyz" in routes()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"training", "tests", ".venv", ".git"} <= set(ignored)
+
+
+# ---------------------------------------------------------------------------------------------- k8s
+
+
+def test_k8s_settings_are_real_settings() -> None:
+    values = {**k8s("ConfigMap")["data"], **k8s("Secret")["stringData"]}
+    assert set(values) <= SETTING_VARS
+    Settings(_env_file=None, **{k.removeprefix("RERANK_").lower(): v for k, v in values.items()})
+
+
+def test_k8s_deployment_probes_ports_and_termination() -> None:
+    deployment = k8s("Deployment")
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    (container,) = pod["spec"]["containers"]
+    port = int(k8s("ConfigMap")["data"]["RERANK_PORT"])
+    assert container["ports"][0]["containerPort"] == port
+    paths = routes()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in paths
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez" in paths
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + GRACEFUL_SHUTDOWN_S
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    for kind in ("Service", "PodDisruptionBudget"):
+        spec = k8s(kind)["spec"]
+        selector = spec["selector"].get("matchLabels", spec["selector"])
+        assert selector.items() <= labels.items(), kind
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    target = k8s("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert k8s("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2  # the PDB can then allow one down
