@@ -56,5 +56,21 @@ serve: $(STAMP)
 pipeline: $(STAMP)
 	$(PY) -m training pipeline
 
+# Service vs HTTP ceiling vs model alone vs a naive torch server: reports/benchmark.{md,json,png} (~3 min).
+bench: $(STAMP) redis
+	@ls models/*/weights.npz >/dev/null 2>&1 || $(MAKE) model
+	$(PY) -m loadtest.bench
+
+# Locust against a running service (make serve): SCENARIO=steady|ramp|spike, USERS, DURATION_S; CSV + HTML in build/locust/.
+SCENARIO ?= steady
+USERS ?= 20
+DURATION_S ?= 60
+HOST ?= http://127.0.0.1:8000
+loadtest: $(STAMP)
+	@mkdir -p build/locust
+	LOCUST_SCENARIO=$(SCENARIO) LOCUST_USERS=$(USERS) LOCUST_DURATION_S=$(DURATION_S) \
+	  $(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(HOST) \
+	  --csv build/locust/$(SCENARIO) --html build/locust/$(SCENARIO).html --only-summary
+
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

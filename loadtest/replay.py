@@ -19,6 +19,7 @@ import re
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -62,37 +63,57 @@ def load_bodies(model_dir: Path) -> list[bytes]:
     return [json.dumps(json.loads(line)["request"]).encode() for line in files[-1].read_text().splitlines()]
 
 
-async def worker(host: str, port: int, bodies: list[bytes], start: int, step: int, stop: int,
-                 statuses: dict[int, int], fallbacks: list[int]) -> None:
+@dataclass
+class Tally:
+    statuses: dict[int, int] = field(default_factory=dict)
+    fallbacks: int = 0
+    sent: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # client side: write to last byte read
+
+
+async def worker(host: str, port: int, bodies: list[bytes], tally: Tally, until: float, limit: int) -> None:
+    """One keep-alive connection sending the next body as soon as the last answer is read, until the
+    monotonic time ``until`` or ``limit`` requests in all (shared with the other workers)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        for i in range(start, stop, step):
-            body = bodies[i % len(bodies)]
+        while tally.sent < limit and time.monotonic() < until:
+            body = bodies[tally.sent % len(bodies)]
+            tally.sent += 1
+            t0 = time.perf_counter()
             writer.write(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
             length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
             payload = await reader.readexactly(length)
-            statuses[status] = statuses.get(status, 0) + 1
+            tally.latencies_s.append(time.perf_counter() - t0)
+            tally.statuses[status] = tally.statuses.get(status, 0) + 1
             if b'"fallback":true' in payload:
-                fallbacks[0] += 1
+                tally.fallbacks += 1
     finally:
         writer.close()
 
 
-async def run_level(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
+async def drive(url: str, bodies: list[bytes], concurrency: int, duration_s: float = 1e9,
+                requests: int = 1 << 62) -> tuple[Tally, float, float]:
+    """Closed loop: ``concurrency`` connections for ``duration_s`` or ``requests``, whichever ends first.
+    Returns the tally, the wall time and this process's CPU seconds over it (the client's own cost)."""
     parsed = urlparse(url)
-    statuses: dict[int, int] = {}
-    fallbacks = [0]
+    tally = Tally()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    until = time.monotonic() + duration_s
+    await asyncio.gather(*(worker(parsed.hostname or "127.0.0.1", parsed.port or 80, bodies, tally, until, requests)
+                           for _ in range(concurrency)))
+    return tally, time.perf_counter() - t0, time.process_time() - cpu0
+
+
+async def run_level(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
     before = histogram(url)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(parsed.hostname or "127.0.0.1", parsed.port or 80, bodies, w, concurrency, n,
-                                  statuses, fallbacks) for w in range(concurrency)))
-    wall = time.perf_counter() - t0
+    tally, wall, _ = await drive(url, bodies, concurrency, requests=n)
     after = histogram(url)
-    return {"concurrency": concurrency, "requests": n, "wall_s": round(wall, 3),
-            "throughput_rps": round(n / wall, 1), "statuses": statuses, "fallbacks": fallbacks[0],
+    answered = sum(tally.statuses.values())
+    return {"concurrency": concurrency, "requests": answered, "wall_s": round(wall, 3),
+            "throughput_rps": round(answered / wall, 1), "statuses": tally.statuses, "fallbacks": tally.fallbacks,
             **{f"p{int(q * 1000) / 10:g}_ms": round(quantile(before, after, q) * 1000, 3)
                for q in (0.5, 0.9, 0.99, 0.999)}}
 

@@ -57,6 +57,13 @@ def test_export_writes_a_checked_contract(exported: Path, tiny: Tiny) -> None:
     assert not list(exported.parent.glob(".*.tmp")), "the temporary folder must be gone"
 
 
+def test_weights_reload_the_same_model_without_pickle(exported: Path, tiny: Tiny) -> None:
+    again = export.load_reranker(exported)
+    test = tiny.lists["test"]
+    np.testing.assert_array_equal(predict(again, test), predict(tiny.result.model, test))
+    np.load(exported / "weights.npz", allow_pickle=False).close()  # would raise on a pickled object
+
+
 def test_snapshot_and_heldout_match_the_data(exported: Path, tiny: Tiny) -> None:
     d = tiny.dataset
     rows = [json.loads(line) for line in (exported / "user_features.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ Files written (all listed with their sha256 in ``manifest.json``):
     items.json           raw item ids; index = position + first_index (0 pad, 1 OOV)
     user_features.jsonl  per user: raw profile values and the last history_len raw item ids, oldest first
     heldout.jsonl        the test lists as /rerank requests with labels and the offline top-k
+    weights.npz          the torch state_dict as plain arrays (``load_reranker``; no pickle), for offline use
 The directory is written under a temporary name and renamed, so a half-written model never exists.
 """
 
@@ -29,7 +30,7 @@ import torch
 from service.model import FORMAT, ModelError, RerankModel, sha256
 from training import metrics
 from training.data import ITEM_OFFSET, OOV, PAD, Dataset
-from training.model import Reranker
+from training.model import ModelConfig, Reranker
 from training.retriever import CandidateLists
 from training.train import predict
 
@@ -94,6 +95,20 @@ def check_parity(model: Reranker, onnx_path: Path, lists: CandidateLists, k: int
     return Parity(len(lists), max_diff, identical / max(len(lists), 1))
 
 
+def load_reranker(folder: Path) -> Reranker:
+    """The torch model of an exported version, from ``manifest.json`` and ``weights.npz`` (no pickle), in
+    eval mode. For offline use (fine-tuning, the naive baseline in ``loadtest/bench.py``); the service
+    serves ``model.onnx``."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    with np.load(folder / manifest["weights"]["file"], allow_pickle=False) as npz:
+        state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+    cfg = ModelConfig(**manifest["model_config"])
+    tokens = [state[f"item_field_{i}"] for i in range(len(cfg.item_field_sizes))]
+    model = Reranker(cfg, tokens)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def _request(dataset: Dataset, lists: CandidateLists, row: int, topk: np.ndarray) -> dict[str, Any]:
     item_id = dataset.item_id
     m = lists.mask[row]
@@ -147,6 +162,7 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
                               f"(limit {max_abs_diff:.3g}), identical top-{metrics.K} "
                               f"{parity.topk_identical:.4f} (limit {min_topk_identical})")
 
+        np.savez(tmp / "weights.npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
         (tmp / "items.json").write_text(json.dumps(dataset.item_ids))
         with open(tmp / "user_features.jsonl", "w") as f:
             for user in user_snapshot(dataset):
@@ -180,6 +196,7 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
                               "count": len(dataset.user_ids)},
             "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
             "model_config": dataclasses.asdict(cfg),
+            "weights": {"file": "weights.npz", "format": "torch state_dict as numpy arrays; load_reranker()"},
             "config": json.loads(json.dumps(config, default=str)),
             "metrics": offline_metrics,
             "parity": dataclasses.asdict(parity),
