@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.replay import drive, histogram, quantile
+from loadtest.replay import drive, histograms, load_bodies, quantile
 from service.features import read_snapshot
 from service.model import Job, RerankModel, find_version
 
@@ -206,7 +206,7 @@ def http_levels(kind: str, url: str, pid: int, bodies: list[bytes], levels: list
     out = []
     for c in levels:
         start = get_json(f"{url}/bench/latency?start=0")["count"]
-        prom_before = {name: histogram(url, name) for name in STAGES} if kind == "service" else {}
+        prom_before = histograms(url, STAGES) if kind == "service" else {}
         server_cpu0 = cpu_seconds(pid)
         tally, wall, cpu = asyncio.run(drive(url, bodies, c, duration_s=duration_s))
         server_cpu = cpu_seconds(pid) - server_cpu0
@@ -221,9 +221,9 @@ def http_levels(kind: str, url: str, pid: int, bodies: list[bytes], levels: list
                "server_cpu_us_per_request": round(server_cpu / max(answered, 1) * 1e6, 1),
                "server_cores_busy": round(server_cpu / wall, 2)}
         if kind == "service":  # where the time goes, from the service's own stage histograms
+            prom_after = histograms(url, STAGES)
             for name, label in STAGES.items():
-                after = histogram(url, name)
-                row[label] = {f"p{q * 100:g}_ms": round(quantile(prom_before[name], after, q) * 1000, 3)
+                row[label] = {f"p{q * 100:g}_ms": round(quantile(prom_before[name], prom_after[name], q) * 1000, 3)
                               for q in (0.5, 0.99)}
         out.append(row)
         print(f"{kind:8s} c={c:3d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f}  "
@@ -414,8 +414,7 @@ def main() -> None:
         return
     t0 = time.time()
     folder = find_version(args.models)
-    bodies = [json.dumps(json.loads(line)["request"]).encode()
-              for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    bodies = load_bodies(folder)
     levels = [int(x) for x in args.concurrency.split(",")]
     print(f"model {folder.name}: {len(bodies)} held-out requests", flush=True)
     model, paced = model_only(folder, [int(x) for x in args.batch_sizes.split(",")], args.model_min_s)

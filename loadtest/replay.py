@@ -1,7 +1,7 @@
 """Replay held-out requests against a running service and read latency from its own histograms.
 
-    python loadtest/replay.py --url http://127.0.0.1:8000 --concurrency 1 --requests 2000
-    python loadtest/replay.py --concurrency 1,4,16,64 --requests 3000 --json build/replay.json
+    python -m loadtest.replay --url http://127.0.0.1:8000 --concurrency 1 --requests 2000
+    python -m loadtest.replay --concurrency 1,4,16,64 --requests 3000 --json build/replay.json
 
 Requests are the model's ``heldout.jsonl`` (real users, real 50-candidate lists with retriever scores).
 The client is a few lines of asyncio on keep-alive HTTP/1.1 connections so that, on a small machine, it
@@ -19,21 +19,27 @@ import re
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from loadtest.workload import newest_heldout
+
 METRIC = "rerank_request_duration_seconds"
 
 
-def histogram(url: str, name: str = METRIC) -> dict[float, float]:
-    """Cumulative bucket counts of a Prometheus histogram, upper bound -> count."""
+def histograms(url: str, names: Iterable[str]) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts (upper bound -> count) of Prometheus histograms, from one scrape."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    out = {}
-    for match in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} ([0-9.e+]+)$', text, re.M):
-        out[float(match.group(1))] = float(match.group(2))
-    return out
+    return {name: {float(m.group(1)): float(m.group(2))
+                   for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} ([0-9.e+]+)$', text, re.M)}
+            for name in names}
+
+
+def histogram(url: str, name: str = METRIC) -> dict[float, float]:
+    return histograms(url, [name])[name]
 
 
 def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -56,11 +62,11 @@ def quantile(before: dict[float, float], after: dict[float, float], q: float) ->
 
 def load_bodies(model_dir: Path) -> list[bytes]:
     """Request bodies from the newest model's heldout.jsonl under ``model_dir`` (or that folder)."""
-    files = [model_dir / "heldout.jsonl"] if (model_dir / "heldout.jsonl").is_file() else \
-        sorted(model_dir.glob("*/heldout.jsonl"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        sys.exit(f"no heldout.jsonl under {model_dir}: export a model first (make model)")
-    return [json.dumps(json.loads(line)["request"]).encode() for line in files[-1].read_text().splitlines()]
+    try:
+        heldout = newest_heldout(model_dir)
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
+    return [json.dumps(json.loads(line)["request"]).encode() for line in heldout.read_text().splitlines()]
 
 
 @dataclass
