@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from training import evaluate
 from training.__main__ import main
 
 
@@ -16,7 +18,8 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     ratings, users, items = synthetic_files
     code = main(["pipeline", "--dataset", "table", "--path", str(ratings), "--users", str(users), "--items",
                  str(items), "--core", "10", "--history-len", "6", "--candidates", "20", "--variants",
-                 "retriever,prm,prm-add", "--seeds", "2", "--epochs", "2", "--hidden", "16", "--batch-size", "64",
+                 "retriever,prm,prm-add,prm-concat,g,dnr-b", "--seeds", "2", "--epochs", "2", "--lambda-e", "1",
+                 "--patience", "1", "--hidden", "16", "--batch-size", "64",
                  "--mf-epochs", "2", "--mf-dim", "8", "--out-reports", str(tmp_path / "reports"),
                  "--out-models", str(tmp_path / "models"), "--version", "cli-v1", "--no-progress"])
     assert code == 0
@@ -24,14 +27,36 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     assert "| users |" in out and "exported" in out
     with open(tmp_path / "reports" / "ratings.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["variant"] for r in rows} == {"retriever", "prm", "prm-add"}
+    assert {r["variant"] for r in rows} == {"retriever", "prm", "prm-add", "prm-concat", "g", "dnr-b"}
     assert {r["n_seeds"] for r in rows if r["variant"] == "prm"} == {"2"}
     assert {r["metric"] for r in rows} == {"H@6", "N@6", "M@6", "F1@6", "AUC"}
-    report = (tmp_path / "reports" / "ratings.md").read_text()
-    assert "| prm-add |" in report and "seconds / epoch" in report
+    reports = tmp_path / "reports"
+    report = (reports / "ratings.md").read_text()
+    assert "| prm-add |" in report and "s / epoch" in report and "## Deviations from the paper" in report
+    assert "| dnr-b | prm-concat |" in report and "| g | prm-concat |" in report  # significance rows
+    assert "| prm-concat | " in report and " 76.73 |" in report  # the paper's ML-1M N@6 beside ours
+    for plot in ("ratings_valid_n6.png", "ratings_scores.png"):
+        assert (reports / plot).read_bytes()[:4] == b"\x89PNG"
+    with open(reports / "ratings_scores.csv") as f:
+        sources = {r["source"] for r in csv.DictReader(f)}
+    assert sources == {"real (train lists)", "real (test lists)", "g x'", "dnr-b x'"}
+    with open(reports / "ratings_epochs.csv") as f:
+        epochs = [r for r in csv.DictReader(f) if r["variant"] == "dnr-b"]
+    assert epochs and all(r["L_adv"] and r["L_x"] for r in epochs if int(r["epoch"]) > 1)
     manifest = json.loads((tmp_path / "models" / "cli-v1" / "manifest.json").read_text())
-    assert manifest["config"]["reranker"]["variant"] in {"prm", "prm-add"}
+    with open(reports / "ratings_runs.csv") as f:
+        runs = [r for r in csv.DictReader(f) if r["split"] == "valid" and r["metric"] == "N@6"]
+    valid = {v: sum(float(r["value"]) for r in runs if r["variant"] == v)
+             for v in ("prm", "prm-add", "prm-concat", "g", "dnr-b")}
+    assert manifest["config"]["reranker"]["variant"] == max(valid, key=lambda v: valid[v])
     assert manifest["max_candidates"] == 20
+
+    # The report is redrawn from the saved run files alone, identically.
+    (reports / "ratings.md").unlink()
+    assert main(["report", "--name", "ratings", "--out-reports", str(reports)]) == 0
+    assert (reports / "ratings.md").read_text() == report
+    assert main(["report", "--name", "missing", "--out-reports", str(reports)]) == 2
+    assert "missing_runs.csv" in capsys.readouterr().err
 
 
 def test_bad_file_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +73,28 @@ def test_unknown_variant_exits_2(synthetic_files: tuple[Path, Path, Path], capsy
                  "--variants", "prm-magic", "--mf-epochs", "1", "--out-reports", str(tmp_path)])
     assert code == 2
     assert "unknown variant(s) ['prm-magic']" in capsys.readouterr().err
+
+
+def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic_files: tuple[Path, Path, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    ratings, users, items = synthetic_files
+    code = main(["choices", "--dataset", "table", "--path", str(ratings), "--users", str(users), "--items",
+                 str(items), "--core", "10", "--history-len", "6", "--candidates", "20", "--variant", "dnr-g",
+                 "--epochs", "2", "--lambda-e", "1", "--patience", "1", "--hidden", "16", "--batch-size", "64",
+                 "--mf-epochs", "2", "--mf-dim", "8", "--out-reports", str(tmp_path), "--no-progress"])
+    assert code == 0
+    table = (tmp_path / "ratings_choices.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(evaluate.CHOICES) == 9 and sum("(best on validation)" in r for r in rows) == 1
+    assert "| L_x estimator w1 | lx_estimator=w1 | 1 |" in table
+    assert main(["choices", "--variant", "prm", "--out-reports", str(tmp_path)]) == 2
+    assert "is not one of the DNR variants" in capsys.readouterr().err
+
+
+def test_make_model_builds_the_variant_the_report_picked_on_validation() -> None:
+    root = Path(__file__).resolve().parents[1]
+    report = (root / "reports" / "ml100k.md").read_text()
+    best = re.search(r"Best variant on validation N@6: \*\*([\w-]+)\*\*", report)
+    default = re.search(r"^DEFAULT_VARIANT \?= ([\w-]+)$", (root / "Makefile").read_text(), re.MULTILINE)
+    assert best and default, "the report or the Makefile lost its marker"
+    assert default.group(1) == best.group(1)

@@ -3,6 +3,8 @@
     python -m training stats                       # dataset statistics table
     python -m training pipeline                    # stats -> retriever -> variants x seeds -> report -> export
     python -m training pipeline --variants prm,prm-concat --seeds 3 --out-reports reports --out-models models
+    python -m training pipeline --variants prm-concat,dnr-g --lambda-e 5 --lx-estimator w1
+    python -m training report --name ml100k        # redraw reports/ml100k.md and its plots from the saved runs
     python -m training pipeline --dataset ml1m --path ~/data/ml-1m
     python -m training pipeline --dataset table --path ratings.parquet --users users.csv --items items.csv
 
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from training import data, evaluate, export, metrics, retriever
-from training.train import TrainConfig
+from training.train import VARIANTS, TrainConfig
 
 T = TypeVar("T")
 
@@ -43,9 +45,9 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    variants: str = field(default="retriever,prm,prm-concat,prm-add,prm-weight",
+    variants: str = field(default=",".join(["retriever", *VARIANTS]),
                           metadata={"help": "comma-separated variants to train and report"})
-    seeds: int = field(default=3, metadata={"help": "seeds per variant (0 .. seeds-1)"})
+    seeds: int = field(default=5, metadata={"help": "seeds per variant (0 .. seeds-1)"})
     out_reports: Path = field(default=Path("reports"), metadata={"help": "report folder"})
     out_models: Path = field(default=Path("models"), metadata={"help": "exported model folder"})
     version: str = field(default="", metadata={"help": "model version name (default: <dataset>-<variant>-<time>)"})
@@ -116,13 +118,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     trained = [r for r in runs if r.result is not None]
     if trained:
         info["best_variant"] = evaluate.best_variant(runs)
-    info["wall_seconds"] = time.perf_counter() - t0
-    report = evaluate.write_report(run_cfg.out_reports, dataset, runs, info)
+    info["wall_seconds"] = round(time.perf_counter() - t0)
+    evaluate.save_runs(run_cfg.out_reports, dataset, lists, runs, info)
+    report = evaluate.write_report(run_cfg.out_reports, dataset.name)
     print(f"report: {report}", flush=True)
 
     if run_cfg.export and trained:
         best = info["best_variant"]
-        run = next(r for r in trained if r.variant == best)
+        # The best variant's seed with the best validation N@6 (the choice never looks at test).
+        run = max((r for r in trained if r.variant == best), key=lambda r: r.valid["N@6"])
         assert run.result is not None
         version = run_cfg.version or f"{dataset.name}-{best}-{time.strftime('%Y%m%d-%H%M%S')}"
         config = {"data": info["data"], "retriever": info["retriever"],
@@ -134,6 +138,26 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"exported {path} (parity: max |diff| {manifest_parity['max_abs_diff']:.3g}, identical top-6 "
               f"{manifest_parity['topk_identical']:.4f})", flush=True)
     print(f"pipeline wall time {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def cmd_choices(args: argparse.Namespace) -> None:
+    dnr = [v for v in VARIANTS if VARIANTS[v].synthetic]
+    if args.variant not in dnr:
+        raise ValueError(f"--variant {args.variant!r} is not one of the DNR variants {dnr}")
+    data_cfg = from_args(DataConfig, args)
+    train_cfg = from_args(TrainConfig, args)
+    dataset = load_dataset(data_cfg)
+    scores = retriever.train_retriever(dataset, from_args(retriever.RetrieverConfig, args, "mf_"))
+    lists = retriever.build_all_lists(dataset, scores, data_cfg.candidates)
+    rows = evaluate.compare_choices(dataset, lists, args.variant, list(range(args.seeds)), train_cfg,
+                                    evaluate.CHOICES, args.progress)
+    path = evaluate.write_choices(args.out_reports, dataset.name, args.variant, rows,
+                                  "python -m training " + shlex.join(sys.argv[1:]))
+    print(f"choices: {path}", flush=True)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    print(f"report: {evaluate.write_report(args.out_reports, args.name)}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,6 +173,19 @@ def parser() -> argparse.ArgumentParser:
     add_config(pipe, retriever.RetrieverConfig, "mf_")
     add_config(pipe, TrainConfig, skip=("variant", "seed"))
     pipe.set_defaults(func=cmd_pipeline)
+    choices = sub.add_parser("choices", help="compare the choices the paper leaves open, on validation")
+    add_config(choices, DataConfig)
+    add_config(choices, retriever.RetrieverConfig, "mf_")
+    add_config(choices, TrainConfig, skip=("variant", "seed"))
+    choices.add_argument("--variant", default="dnr-g", help="the DNR variant to train (default: dnr-g)")
+    choices.add_argument("--seeds", type=int, default=1, help="seeds per choice (default: 1)")
+    choices.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    choices.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    choices.set_defaults(func=cmd_choices)
+    report = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")
+    report.add_argument("--name", default="ml100k", help="dataset name of the run files (default: ml100k)")
+    report.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    report.set_defaults(func=cmd_report)
     return top
 
 
@@ -156,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (data.DataError, export.ParityError, FileExistsError, ValueError) as exc:
+    except (data.DataError, export.ParityError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
