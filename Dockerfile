@@ -35,12 +35,18 @@ ENV PATH="/opt/venv/bin:$PATH" \
     RERANK_MODEL_DIR=/models
 WORKDIR /app
 # Only the service package: the image never carries training/ or torch.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md pylock.toml ./
 COPY service ./service
-# onnxruntime and onnxruntime-gpu share one import name: on GPU swap the wheel after the base install.
-RUN pip install --no-cache-dir . \
+# CPU (Python 3.11): exactly the wheels in pylock.toml, each checked against its sha256 (`make lock` writes it).
+# GPU (Python 3.12): the same versions as constraints, then onnxruntime swapped for onnxruntime-gpu (one
+# import name).
+RUN pip install --no-cache-dir "pip==26.3" \
     && if [ "$RUNTIME" = "gpu" ]; then \
-         pip uninstall -y onnxruntime && pip install --no-cache-dir "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
+         python -c "import tomllib; print('\n'.join(p['name'] + '==' + p['version'] for p in tomllib.load(open('pylock.toml', 'rb'))['packages'] if 'version' in p))" > /tmp/constraints.txt \
+         && pip install --no-cache-dir -c /tmp/constraints.txt . \
+         && pip uninstall -y onnxruntime && pip install --no-cache-dir "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
+       else \
+         pip install --no-cache-dir -r pylock.toml; \
        fi \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rerank \
     && mkdir -p /models

@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import errors
+from service.admission import Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
@@ -117,9 +118,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def begin_drain(app: FastAPI) -> None:
+    """Readiness goes red; requests are still served normally (the batcher closes at shutdown)."""
+    state: State | None = getattr(app.state, "rerank", None)
+    if state is not None:
+        state.draining = True
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    gate = Gate(settings.max_in_flight, settings.retry_after_s,
+                on_shed=metrics.rejections.labels(reason="in_flight").inc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -142,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def on_batch(stats: BatchStats) -> None:
             if stats.expired:
                 metrics.expired.inc(stats.expired)
+            if stats.late:
+                metrics.late_starts.inc(stats.late)
             if stats.size:
                 metrics.batch_size.observe(stats.size)
                 metrics.inference_seconds.observe(stats.run_s)
@@ -172,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="DNR reranking service", version="0.1.0", lifespan=lifespan,
                   description="Reranks a retriever's candidates with a Denoising Neural Reranker.",
                   telemetry={"tracing": False, "metrics": False, "logs": False})
+    app.state.gate = gate  # python -m service hands it to uvicorn's protocol (service/admission.py)
 
     def state_of(request: Request) -> State:
         state: State | None = getattr(request.app.state, "rerank", None)
@@ -207,13 +220,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Rerank the candidates; answers in retriever order with ``fallback: true`` if the model fails
         or the deadline passes first."""
         started = time.perf_counter()
-        state = state_of(request)
+        gate.enter(request.scope)
         try:
-            response = await _rerank(state, request, started)
+            if gate.over:  # the same limit SheddingProtocol holds at the door, for servers without it
+                gate.on_shed()
+                raise errors.Overloaded(gate.message(), "max_in_flight", gate.max_in_flight,
+                                        headers={"Retry-After": str(settings.retry_after_s)})
+            response = await _rerank(state_of(request), request, started)
         except errors.ServiceError as exc:
             metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
             metrics.request_seconds.observe(time.perf_counter() - started)
             return errors.error_response(exc)
+        finally:
+            gate.leave()
         metrics.requests.labels(status="2xx").inc()
         metrics.request_seconds.observe(time.perf_counter() - started)
         return response

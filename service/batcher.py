@@ -54,6 +54,7 @@ class BatchStats:
     queue_waits_s: list[float]
     expired: int
     run_s: float
+    late: int = 0  # rows whose deadline passed between ``_collect`` (which drops expired ones) and the run
 
 
 class Batcher(Generic[T, R]):
@@ -148,6 +149,7 @@ class Batcher(Generic[T, R]):
     async def _run(self, batch: list[_Pending[T, R]], expired: int) -> None:
         started = time.monotonic()
         waits = [started - p.enqueued for p in batch]
+        late = sum(p.deadline <= started for p in batch)
         self._running = len(batch)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
@@ -165,7 +167,7 @@ class Batcher(Generic[T, R]):
         finally:
             self._running = 0
         self._report(BatchStats(len(batch), sum(p.cost for p in batch), waits, expired,
-                                time.monotonic() - started))
+                                time.monotonic() - started, late))
 
     def _report(self, stats: BatchStats) -> None:
         if self.on_batch is not None:

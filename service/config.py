@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_wait_ms: float | None = Field(None, ge=0, description="wait for a batch to fill; default 0 on CPU, 2 on GPU")
     max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
+    max_in_flight: int = Field(64, ge=1, description=(
+        "/rerank requests past their body and not yet answered; more get 429 at once (see service/admission.py)"))
 
     # --- features
     redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")
@@ -49,6 +51,9 @@ class Settings(BaseSettings):
 
     # --- operations
     admin_token: str = Field("", description="bearer token for /admin/*; empty disables admin endpoints")
+    drain_delay_s: float = Field(5.0, ge=0, le=60, description=(
+        "after SIGTERM, keep serving with /readyz red this long before shutting down, so load balancers "
+        "stop sending first"))
     host: str = Field("127.0.0.1", description="bind address for `python -m service`")
     port: int = Field(8000, ge=1, le=65535, description="bind port for `python -m service`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

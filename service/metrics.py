@@ -46,5 +46,7 @@ class Metrics:
         self.rejections = Counter("rerank_rejections_total", "Requests refused", ["reason"], registry=r)
         self.expired = Counter("rerank_deadline_expired_total", "Requests dropped before the model (deadline)",
                                registry=r)
+        self.late_starts = Counter("rerank_late_starts_total", "Requests whose deadline passed between batch "
+                                   "collection (which drops expired ones) and the batch's start", registry=r)
         self.model_info = Info("rerank_model", "The model version being served", registry=r)
         self.reloads = Counter("rerank_model_reloads_total", "Hot reload attempts", ["result"], registry=r)

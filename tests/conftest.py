@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from loadtest.procs import RedisServer, free_port
 from training import data, retriever
 from training.train import TrainConfig, TrainResult, train
 
@@ -81,48 +79,6 @@ def ml100k() -> data.Ratings:
 # ---------------------------------------------------------------------------------------------- service
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port; stop() and start() again on the same port."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.folder = folder
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed: `make test` installs it (see the Makefile)"
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder), "--enable-debug-command", "yes"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
@@ -145,15 +101,18 @@ def model_root(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ServiceThread:
     """The real app under uvicorn on a free port, in a background thread."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, door: bool = True) -> None:
         import uvicorn
 
+        from service.__main__ import uvicorn_config
         from service.app import create_app
 
         self.port = settings.port
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+        config = uvicorn_config(self.app, settings)
+        if not door:  # uvicorn's own protocol: only the app's copy of the admission check
+            config.http = "httptools"
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -178,6 +137,6 @@ def service_settings(model_dir: Path, **overrides: Any) -> Any:
     from service.config import Settings
 
     values: dict[str, Any] = {"model_dir": model_dir, "model_version": "tiny-v1", "port": free_port(),
-                              "admin_token": "test-token", "redis_url": ""}
+                              "admin_token": "test-token", "redis_url": "", "log_level": "warning"}
     values.update(overrides)
     return Settings(_env_file=None, **values)

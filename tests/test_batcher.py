@@ -130,6 +130,7 @@ async def test_expired_request_never_reaches_the_model() -> None:
     assert await running == "done:slow" and await fine == "done:fine"
     assert not any("late" in batch for batch in gate.batches)
     assert sum(s.expired for s in stats) == 1
+    assert sum(s.late for s in stats) == 0  # what rerank_late_starts_total counts: nothing started late
     await b.close()
 
 

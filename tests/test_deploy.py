@@ -96,7 +96,7 @@ def test_compose_wires_service_redis_and_prometheus() -> None:
     assert "../models:/models:ro" in rerank["volumes"] and env["RERANK_MODEL_DIR"] == "/models"
     assert rerank["read_only"] is True
     grace = int(rerank["stop_grace_period"].removesuffix("s"))
-    assert grace > GRACEFUL_SHUTDOWN_S
+    assert grace > Settings.model_fields["drain_delay_s"].default + GRACEFUL_SHUTDOWN_S
     scrape = load_yaml(DEPLOY / "prometheus.yml")[0]["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"rerank:{env['RERANK_PORT']}"]
     assert scrape["metrics_path"] in routes()
@@ -138,7 +138,8 @@ def test_k8s_deployment_probes_ports_and_termination() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in paths
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez" in paths
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + GRACEFUL_SHUTDOWN_S
+    drain = float(k8s("ConfigMap")["data"].get("RERANK_DRAIN_DELAY_S", Settings.model_fields["drain_delay_s"].default))
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + drain + GRACEFUL_SHUTDOWN_S
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     for kind in ("Service", "PodDisruptionBudget"):

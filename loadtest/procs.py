@@ -1,0 +1,171 @@
+"""Real processes on loopback for tests and the fault suite: redis-server, the service, a delaying proxy.
+
+Owns: starting, waiting for, stopping and inspecting them (RSS, CPU). Does not know: load or scenarios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port; stop() and start() again on the same port."""
+
+    def __init__(self, folder: Path, password: str = "") -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: `make test` installs it (see the Makefile)"
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.folder), "--enable-debug-command", "yes"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    reply = s.recv(64)
+                    if reply.startswith((b"+PONG", b"-NOAUTH")):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+class ServiceProcess:
+    """``python -m service`` as its own process, configured by RERANK_* variables; ready when /readyz is 200."""
+
+    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
+        self.port = int(env.get("RERANK_PORT") or free_port())
+        self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", **env, "RERANK_PORT": str(self.port)}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout_s: float = 120) -> ServiceProcess:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=self.env, stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode} during start-up (log: {self.log})")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{self.url}/readyz", timeout=1).status == 200:
+                    return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        """SIGTERM and wait; the exit code (uvicorn re-raises the signal after a clean shutdown: -15)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class DelayProxy:
+    """A loopback TCP proxy that holds every reply chunk from the upstream for ``delay_ms`` (settable while
+    running): a slow Redis without touching Redis. Runs its own event loop in a thread."""
+
+    def __init__(self, upstream_port: int, delay_ms: float = 0.0) -> None:
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.delay_ms = delay_ms
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delayed: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if delayed and self.delay_ms > 0:
+                    await asyncio.sleep(self.delay_ms / 1000)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
+
+    def __enter__(self) -> DelayProxy:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._client, "127.0.0.1", self.port), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
