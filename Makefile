@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
 DEFAULT_VARIANT ?= dnr-b-no-x
 
-.PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest clean
+.PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest lock faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,16 @@ loadtest: $(STAMP)
 	LOCUST_SCENARIO=$(SCENARIO) LOCUST_USERS=$(USERS) LOCUST_DURATION_S=$(DURATION_S) \
 	  $(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(HOST) \
 	  --csv build/locust/$(SCENARIO) --html build/locust/$(SCENARIO).html --only-summary
+
+# The service's dependencies, pinned with hashes (PEP 751): what the CPU image installs. Rerun after editing
+# the base dependencies in pyproject.toml; tests/test_lock.py checks that the two agree.
+lock: $(STAMP)
+	$(PY) -m pip lock . -o pylock.toml --quiet
+
+# The fault suite: real service + Redis on loopback, each fault under load: reports/reliability.{md,json} (< 10 min).
+faults: $(STAMP) redis
+	@ls models/*/heldout.jsonl >/dev/null 2>&1 || $(MAKE) model
+	$(PY) -m loadtest.faults
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,644 @@
+"""The fault suite: the real service and a real Redis on loopback, load from a second process, one fault each.
+
+    python -m loadtest.faults                       # every scenario -> reports/reliability.{md,json} (< 10 min)
+    python -m loadtest.faults --quick               # the CI subset, shorter: hostile, redis_kill, reload
+    python -m loadtest.faults --only overload,sigterm --out build/faults
+
+Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during / after the fault, checks):
+    redis_kill  Redis killed under load, then restarted: no failed request, breaker opens and closes, Redis refills
+    slow_redis  Redis replies delayed 200 ms by a proxy: latency bounded by the Redis timeout and the breaker
+    overload    twice the saturating rate, open loop: goodput >= 90% of peak, fast 429s with Retry-After,
+                no model answer after its deadline
+    reload      hot reloads under load, good, corrupted and mismatched: no failed request, bad ones refused
+    sigterm     SIGTERM under load: /readyz red first, every request answered, clean exit
+    hostile     schemathesis on the service's own OpenAPI, plus hand-made hostile bodies: never a 5xx, memory bounded
+
+The load generator (``python -m loadtest.faults load``) is its own process: raw keep-alive HTTP/1.1 connections,
+closed loop (``--rate 0``) or open loop at a fixed rate, one record per request (send time on the shared
+monotonic clock, latency, status, fallback, Retry-After), written as JSON when it stops (SIGINT/SIGTERM or time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvloop
+
+from loadtest.procs import DelayProxy, RedisServer, ServiceProcess, rss_mb
+from loadtest.workload import newest_heldout
+
+ADMIN_TOKEN = "faults-admin-token"
+
+
+# ---- the load process ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    sent: float  # time.monotonic() when the request was written (system-wide clock, comparable across processes)
+    latency_s: float
+    status: int  # 0: connection error or client timeout
+    fallback: bool
+    retry_after: bool
+
+
+async def _load(url: str, bodies: list[bytes], connections: int, rate: float, duration_s: float,
+                stop: asyncio.Event) -> list[Record]:
+    host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    records: list[Record] = []
+    t0 = time.monotonic()
+    until = t0 + duration_s
+    counter = iter(range(1 << 62))
+
+    async def worker() -> None:
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while not stop.is_set():
+            i = next(counter)
+            due = t0 + i / rate if rate > 0 else time.monotonic()
+            if due >= until:
+                break
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())
+            body = bodies[i % len(bodies)]
+            sent = time.monotonic()
+            try:
+                if conn is None:
+                    conn = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+                reader, writer = conn
+                writer.write(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                payload = await asyncio.wait_for(reader.readexactly(length), 10)
+                records.append(Record(sent, time.monotonic() - sent, int(head[9:12]), b'"fallback":true' in payload,
+                                      b"retry-after:" in head.lower()))
+                if b"connection: close" in head.lower():
+                    writer.close()
+                    conn = None
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                records.append(Record(sent, time.monotonic() - sent, 0, False, False))
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+                await asyncio.sleep(0.01)
+        if conn is not None:
+            conn[1].close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return records
+
+
+def load_main(args: argparse.Namespace) -> None:
+    bodies = [json.dumps(json.loads(line)["request"]).encode()
+              for line in newest_heldout(args.models).read_text().splitlines()]
+
+    async def run() -> list[Record]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await _load(args.url, bodies, args.connections, args.rate, args.duration, stop)
+
+    # No cyclic GC: the records are acyclic, and a gen-2 pass over 100k of them stalls the loop for tens of
+    # milliseconds, which would show up as the service's latency.
+    gc.disable()
+    # uvloop: the generator shares this machine's cores with the service, so it should take as little as it can.
+    records = uvloop.run(run())
+    args.out.write_text(json.dumps([[r.sent, r.latency_s, r.status, r.fallback, r.retry_after] for r in records]))
+
+
+class Load:
+    """The load process, started now; ``stop()`` ends it and returns its records."""
+
+    def __init__(self, url: str, models: Path, connections: int = 4, rate: float = 0.0, duration_s: float = 600.0
+                 ) -> None:
+        self.out = Path(tempfile.mkstemp(suffix=".json")[1])
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadtest.faults", "load", "--url",
+                                      url, "--models", str(models), "--connections", str(connections), "--rate",
+                                      str(rate), "--duration", str(duration_s), "--out", str(self.out)])
+        self.started = time.monotonic()
+
+    def stop(self, timeout_s: float = 30, wait_s: float = 0.0) -> list[Record]:
+        """Records so far; ``wait_s`` > 0 first lets it run to its own duration (at most that long)."""
+        if wait_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait_s)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout_s)
+        rows = json.loads(self.out.read_text() or "[]")
+        self.out.unlink()
+        return [Record(float(a), float(b), int(c), bool(d), bool(e)) for a, b, c, d, e in rows]
+
+
+# ---- observing the service ---------------------------------------------------------------------------------
+
+
+def get(url: str, timeout: float = 2) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            text = r.read().decode()
+            return r.status, json.loads(text) if text.startswith("{") else text
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode() or "{}")
+
+
+def post(url: str, token: str = ADMIN_TOKEN, timeout: float = 120) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode() or "{}")
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets) in one /metrics scrape."""
+    _, text = get(f"{url}/metrics")
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+class Sampler:
+    """Scrapes one metric every ``every_s`` in a thread: (time, value) pairs."""
+
+    def __init__(self, url: str, name: str, every_s: float = 0.1) -> None:
+        self.url, self.name, self.every_s = url, name, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append((time.monotonic(), metric(self.url, self.name)))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    records: list[Record] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)  # "fault", "recovered": monotonic times
+    checks: dict[str, bool] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool) -> None:
+        self.checks[name] = bool(ok)
+
+    def summary(self) -> dict[str, Any]:
+        recs = self.records
+        failed = [r for r in recs if r.status == 0 or r.status >= 500 or (r.status != 200 and r.status != 429)]
+        phases = {"before": lambda r: r.sent < self.marks.get("fault", float("inf")),
+                  "during": lambda r: self.marks.get("fault", float("inf")) <= r.sent
+                  < self.marks.get("recovered", float("inf")),
+                  "after": lambda r: r.sent >= self.marks.get("recovered", float("inf"))}
+        out: dict[str, Any] = {"scenario": self.scenario, "requests": len(recs), "failed": len(failed),
+                               "rejected": sum(r.status == 429 for r in recs),
+                               "fallbacks": sum(r.fallback for r in recs)}
+        for phase, keep in phases.items():
+            lat = [r.latency_s for r in recs if keep(r) and r.status == 200]
+            out[f"p99_{phase}_ms"] = round(float(np.percentile(lat, 99)) * 1000, 2) if lat else None
+        out["checks"] = self.checks
+        out["passed"] = all(self.checks.values())
+        out.update(self.figures)
+        return out
+
+
+# ---- scenarios --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    models: Path  # folder holding the model versions
+    version: str
+    work: Path  # scratch folder
+    quick: bool
+
+    def service_env(self, **extra: str) -> dict[str, str]:
+        return {"RERANK_MODEL_DIR": str(self.models), "RERANK_MODEL_VERSION": self.version,
+                "RERANK_ADMIN_TOKEN": ADMIN_TOKEN, "RERANK_REDIS_URL": "", **extra}
+
+
+def _redis_env(redis: RedisServer) -> dict[str, str]:
+    # No in-process cache: every request reads Redis, so its faults show.
+    return {"RERANK_REDIS_URL": redis.url, "RERANK_LOCAL_CACHE_TTL_S": "0", "RERANK_BREAKER_FAILURES": "3",
+            "RERANK_BREAKER_RESET_S": "1", "RERANK_REDIS_TIMEOUT_MS": "20"}
+
+
+def _load_features(redis_url: str, env: Env) -> None:
+    subprocess.run([sys.executable, "-m", "service", "load-features"], check=True, stdout=subprocess.DEVNULL,
+                   env={**env.service_env(), "RERANK_REDIS_URL": redis_url})
+
+
+REDIS_PASSWORD = "faults-redis-password"  # every scenario's Redis requires it: AUTH travels in the URL
+
+
+def redis_dbsize(redis: RedisServer) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
+        s.sendall(f"AUTH {redis.password}\r\nDBSIZE\r\n".encode())
+        reply = b""
+        while reply.count(b"\r\n") < 2:
+            reply += s.recv(64)
+        return int(reply.split(b"\r\n")[1].lstrip(b":"))
+
+
+def redis_kill(env: Env) -> Result:
+    phase = 3.0 if env.quick else 10.0
+    res = Result("redis_kill")
+    redis = RedisServer(env.work, REDIS_PASSWORD)
+    redis.start()
+    _load_features(redis.url, env)
+    try:
+        with ServiceProcess(env.service_env(**_redis_env(redis)), env.work / "redis_kill.log") as svc, \
+                Sampler(svc.url, "rerank_redis_breaker_open") as breaker:
+            load = Load(svc.url, env.models)
+            time.sleep(phase)
+            res.marks["fault"] = time.monotonic()
+            redis.stop()
+            time.sleep(phase)
+            redis.start()  # empty: no persistence; the service writes snapshot features back
+            res.marks["recovered"] = time.monotonic()
+            time.sleep(phase)
+            res.records = load.stop()
+            opened = [t for t, v in breaker.samples if v == 1.0]
+            closed_at_end = metric(svc.url, "rerank_redis_breaker_open") == 0.0
+            refilled = redis_dbsize(redis)
+        res.check("no failed request", res.summary()["failed"] == 0)
+        res.check("no fallback answer", res.summary()["fallbacks"] == 0)
+        res.check("breaker opened while Redis was down", bool(opened))
+        res.check("breaker closed after Redis came back", closed_at_end)
+        res.check("Redis refilled from the snapshot", refilled > 0)
+        res.figures.update({"breaker_open_s": round(opened[-1] - opened[0], 2) if opened else 0.0,
+                            "redis_keys_after": refilled})
+    finally:
+        redis.stop()
+    return res
+
+
+def slow_redis(env: Env) -> Result:
+    phase, delay_ms = 8.0, 200.0
+    res = Result("slow_redis")
+    redis = RedisServer(env.work, REDIS_PASSWORD)
+    redis.start()
+    _load_features(redis.url, env)
+    try:
+        with DelayProxy(redis.port) as proxy:
+            settings = _redis_env(redis) | {"RERANK_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{proxy.port}/0"}
+            with ServiceProcess(env.service_env(**settings), env.work / "slow_redis.log") as svc:
+                load = Load(svc.url, env.models)
+                time.sleep(phase)
+                res.marks["fault"] = time.monotonic()
+                proxy.delay_ms = delay_ms
+                time.sleep(phase)
+                proxy.delay_ms = 0.0
+                res.marks["recovered"] = time.monotonic()
+                time.sleep(phase)
+                res.records = load.stop()
+                errors = metric(svc.url, "rerank_redis_errors_total")
+        s = res.summary()
+        res.check("no failed request", s["failed"] == 0 and s["fallbacks"] == 0)
+        # Timeout 20 ms per call, then the breaker skips Redis: p99 stays far below the injected delay.
+        res.check("p99 during the slowdown < 25% of the delay", (s["p99_during_ms"] or 1e9) < delay_ms / 4)
+        res.check("Redis timeouts were counted", errors > 0)
+        res.figures.update({"redis_delay_ms": delay_ms, "redis_errors": int(errors)})
+    finally:
+        redis.stop()
+    return res
+
+
+DEADLINE_S = 0.100  # the service's default_timeout_ms; the load sends no timeout_ms
+
+
+def _goodput(records: list[Record], duration_s: float) -> float:
+    """Model answers (200, not a fallback) back within the deadline, per second."""
+    return sum(r.status == 200 and not r.fallback and r.latency_s <= DEADLINE_S for r in records) / duration_s
+
+
+def overload(env: Env) -> Result:
+    """Rounds of (peak, overload), so a drift in this machine's speed hits both sides of each ratio alike.
+    Peak: closed loop at 16 connections (under max_in_flight). Overload: an open loop at twice the first
+    peak over 256 connections, which no client backs off from. The check is on the median round."""
+    rounds, phase = (2, 3.0) if env.quick else (5, 4.0)
+    res = Result("overload")
+    peaks: list[float] = []
+    goodputs: list[float] = []
+    during: list[Record] = []
+    rate = 0.0
+    with ServiceProcess(env.service_env(), env.work / "overload.log") as svc:
+        Load(svc.url, env.models, connections=16, duration_s=3).stop(wait_s=60)  # warm-up
+        expired0 = metric(svc.url, "rerank_deadline_expired_total")
+        shed0 = metric(svc.url, "rerank_rejections_total")
+        for i in range(rounds):
+            base = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
+            peaks.append(_goodput(base, phase))
+            rate = rate or 2 * peaks[0]
+            res.marks.setdefault("fault", time.monotonic())
+            over = Load(svc.url, env.models, connections=256, rate=rate, duration_s=phase).stop(wait_s=phase + 60)
+            goodputs.append(_goodput(over, phase))
+            # p99 "before" is the first peak window, "during" every overload window, "after" the last peak
+            res.records += [r for r in base if i == 0] + over
+            during += over
+        res.marks["recovered"] = time.monotonic()
+        after = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
+        res.records += after
+        expired = metric(svc.url, "rerank_deadline_expired_total") - expired0
+        shed = metric(svc.url, "rerank_rejections_total") - shed0
+        late_starts = metric(svc.url, "rerank_late_starts_total")
+    shares = [g / p if p else 0.0 for g, p in zip(goodputs, peaks, strict=True)]
+    share = float(np.median(shares))
+    served = [r for r in during if r.status == 200 and not r.fallback]
+    rejected = [r for r in during if r.status == 429]
+    p50_429, p99_429 = ([round(float(np.percentile([r.latency_s for r in rejected], q)) * 1000, 2) for q in (50, 99)]
+                        if rejected else [None, None])
+    late = [r for r in served if r.latency_s > DEADLINE_S]
+    res.figures.update({"rounds": rounds, "phase_s": phase, "peak_rps": [round(p, 1) for p in peaks],
+                        "offered_rps": round(rate, 1),
+                        "sent_rps": round(len(during) / (rounds * phase), 1),
+                        "goodput_rps": [round(g, 1) for g in goodputs],
+                        "goodput_share_per_round": [round(x, 3) for x in shares], "goodput_share": round(share, 3),
+                        "rejected_share": round(len(rejected) / max(len(during), 1), 3), "rejection_p50_ms": p50_429,
+                        "rejection_p99_ms": p99_429, "rejections_counted_by_service": int(shed),
+                        "dropped_at_deadline": int(expired),
+                        "late_starts": int(late_starts),
+                        "model_answers_after_deadline_client_side": len(late),
+                        "fallbacks_during": sum(r.fallback for r in during)})
+    res.check("goodput >= 90% of peak (median round)", share >= 0.9)
+    res.check("the overload was rejected with 429", len(rejected) > 0.2 * len(during))
+    res.check("every 429 has Retry-After", all(r.retry_after for r in rejected))
+    res.check("429s are fast (p50 < 10 ms, p99 < the deadline)",
+              p50_429 is not None and p99_429 is not None and p50_429 < 10 and p99_429 < DEADLINE_S * 1000)
+    res.check("no request reached the model after its deadline (rerank_late_starts_total)", late_starts == 0)
+    # The client's clock also counts the socket and its own event loop: a model answer it saw after the deadline
+    # left the service in time (the service answers the retriever order at the deadline).
+    res.check("model answers the client saw after the deadline < 1% of served", len(late) <= 0.01 * len(served))
+    res.check("the service counted every 429", int(shed) == len(rejected))
+    res.check("no 5xx or connection error", all(r.status in (200, 429) for r in res.records))
+    return res
+
+
+def _versions(env: Env) -> dict[str, str]:
+    """v2 (a good copy), corrupt (a byte flipped in the graph) and mismatch (the manifest's graph signature
+    changed) beside the served version."""
+    src = env.models / env.version
+    names = {"good": f"{env.version}-v2", "corrupt": f"{env.version}-corrupt", "mismatch": f"{env.version}-mismatch"}
+    for name in names.values():
+        shutil.rmtree(env.models / name, ignore_errors=True)
+        shutil.copytree(src, env.models / name)
+    for name in names.values():  # each copy names itself, so /readyz tells which one serves
+        path = env.models / name / "manifest.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"version": name}))
+    graph = env.models / names["corrupt"] / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    manifest_path = env.models / names["mismatch"] / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["graph"]["inputs"][0]["name"] = "item_ids"
+    manifest_path.write_text(json.dumps(manifest))
+    return names
+
+
+def reload(env: Env) -> Result:
+    res = Result("reload")
+    names = _versions(env)
+    step = 2.0 if env.quick else 5.0
+    try:
+        with ServiceProcess(env.service_env(), env.work / "reload.log") as svc:
+            load = Load(svc.url, env.models)
+            time.sleep(step)
+            res.marks["fault"] = time.monotonic()
+            codes = {}
+            for kind in ("good", "corrupt", "mismatch"):
+                codes[kind], _ = post(f"{svc.url}/admin/reload?version={names[kind]}")
+                time.sleep(step)
+            res.marks["recovered"] = time.monotonic()
+            time.sleep(step)
+            res.records = load.stop()
+            _, ready = get(f"{svc.url}/readyz")
+            unauthorised, _ = post(f"{svc.url}/admin/reload", token="wrong")
+        res.figures["reload_status"] = codes
+        s = res.summary()
+        res.check("no failed request", s["failed"] == 0 and s["fallbacks"] == 0)
+        res.check("good reload accepted", codes["good"] == 200)
+        res.check("corrupted model refused", codes["corrupt"] == 422)
+        res.check("mismatched model refused", codes["mismatch"] == 422)
+        res.check("the good version keeps serving", ready.get("model_version") == names["good"])
+        res.check("admin endpoint refuses a wrong token", unauthorised in (401, 403))
+    finally:
+        for name in names.values():
+            shutil.rmtree(env.models / name, ignore_errors=True)
+    return res
+
+
+def sigterm(env: Env) -> Result:
+    res = Result("sigterm")
+    drain = 2.0
+    svc = ServiceProcess(env.service_env(RERANK_DRAIN_DELAY_S=str(drain)), env.work / "sigterm.log").start()
+    try:
+        load = Load(svc.url, env.models)
+        time.sleep(3)
+        res.marks["fault"] = signalled = time.monotonic()
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGTERM)
+        red = None
+        while time.monotonic() - signalled < drain:
+            with contextlib.suppress(OSError):
+                if get(f"{svc.url}/readyz", timeout=0.5)[0] == 503:
+                    red = time.monotonic()
+                    break
+            time.sleep(0.01)
+        # A load balancer stops routing once readiness is red; ours stops half-way through the drain delay.
+        time.sleep(drain / 2)
+        res.records = load.stop()
+        code = svc.proc.wait(drain + 40)
+        res.marks["recovered"] = exited = time.monotonic()
+    finally:
+        svc.__exit__()
+    s = res.summary()
+    res.figures.update({"readiness_red_after_ms": round((red - signalled) * 1000, 1) if red else None,
+                        "exit_after_s": round(exited - signalled, 2), "exit_code": code,
+                        "served_while_red": sum(r.sent > (red or 1e18) and r.status == 200 for r in res.records)})
+    res.check("readiness red within 100 ms", red is not None and red - signalled < 0.1)
+    res.check("requests still served while red", res.figures["served_while_red"] > 0)
+    res.check("no failed request", s["failed"] == 0 and s["fallbacks"] == 0)
+    res.check("clean exit after the drain delay", code in (0, -signal.SIGTERM) and exited - signalled >= drain)
+    return res
+
+
+def hostile_bodies(model_max: int) -> Iterator[tuple[str, dict[str, str], bytes]]:
+    """(name, headers, body) of hostile requests."""
+    cand = '{"item_id": "1", "score": 0.5}'
+    head = '{"user_id": "u", "candidates": [{"item_id": "1", "score": '
+    js = {"Content-Type": "application/json"}
+    yield "oversized body (2 MiB)", js, b'{"user_id": "u", "candidates": [' + b" " * (2 << 20) + b"]}"
+    yield "deeply nested JSON", js, b"[" * 100_000 + b"]" * 100_000
+    nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    yield "nested object in a field", js, b'{"user_id": ' + nested + b', "candidates": []}'
+    yield "huge number", js, (head + "1" + "0" * 5000 + "}]}").encode()
+    yield "huge exponent", js, (head + "1e400}]}").encode()
+    yield "NaN literal", js, (head + "NaN}]}").encode()
+    yield "non-UTF-8 bytes", js, b'{"user_id": "\xff\xfe", "candidates": []}'
+    yield "thousands of candidates", js, ('{"user_id": "u", "candidates": [' + ",".join([cand] * 5000) + "]}").encode()
+    yield "too many candidates by one", js, ('{"user_id": "u", "candidates": [' + ",".join([cand] * (model_max + 1))
+                                             + "]}").encode()
+    yield "huge user id", js, ('{"user_id": "' + "u" * 200_000 + '", "candidates": [' + cand + "]}").encode()
+    yield "wrong types", js, b'{"user_id": 7, "candidates": "all", "k": "six"}'
+    yield "negative k", js, ('{"user_id": "u", "k": -1, "candidates": [' + cand + "]}").encode()
+    yield "empty body", js, b""
+    yield "not JSON", js, b"\x00\x01\x02"
+    yield "form content type", {"Content-Type": "application/x-www-form-urlencoded"}, b"a=1"
+
+
+def _send(url: str, headers: dict[str, str], body: bytes) -> int:
+    req = urllib.request.Request(f"{url}/rerank", data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0  # the server closed the connection (e.g. an over-limit body); a client error, not a 5xx
+
+
+def hostile(env: Env) -> Result:
+    res = Result("hostile")
+    with ServiceProcess(env.service_env(), env.work / "hostile.log") as svc:
+        rss0 = rss_mb(svc.pid)
+        manifest = json.loads((env.models / env.version / "manifest.json").read_text())
+        statuses = {name: _send(svc.url, headers, body) for name, headers, body in
+                    hostile_bodies(int(manifest.get("max_candidates", 50)))}
+        # Schemathesis: generated and mutated requests from the service's own OpenAPI document.
+        examples = 50 if env.quick else 300
+        st = subprocess.run([str(Path(sys.executable).with_name("schemathesis")), "run", f"{svc.url}/openapi.json",
+                             "--checks", "not_a_server_error", "--max-examples", str(examples), "--phases",
+                             "examples,coverage,fuzzing", "--no-color"],
+                            capture_output=True, text=True, timeout=400, cwd=env.work)
+        rss1 = rss_mb(svc.pid)
+        alive = get(f"{svc.url}/livez")[0] == 200
+    res.figures.update({"hostile_statuses": statuses, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
+                        "schemathesis_exit": st.returncode,
+                        "schemathesis_summary": st.stdout.strip().splitlines()[-3:]})
+    res.check("no 5xx on hostile bodies", all(s < 500 for s in statuses.values()))
+    res.check("every hostile body refused with a 4xx (or the connection closed)",
+              all(s == 0 or 400 <= s < 500 for s in statuses.values()))
+    res.check("schemathesis found no server error", st.returncode == 0)
+    res.check("still alive", alive)
+    res.check("memory growth < 150 MiB", rss1 - rss0 < 150)
+    return res
+
+
+SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "slow_redis": slow_redis,
+                                                  "overload": overload, "reload": reload, "sigterm": sigterm,
+                                                  "hostile": hostile}
+QUICK = ("hostile", "redis_kill", "reload")
+
+
+def write_report(results: list[dict[str, Any]], out: Path, command: str, seconds: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability.json").write_text(json.dumps(results, indent=1, default=str))
+    lines = ["# Reliability under faults, overload and hostile input", "",
+             f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} in {seconds:.0f} s; do not edit by hand. The "
+             "real service and a real redis-server on loopback; load from a second process (4 keep-alive "
+             "connections, closed loop, unless the scenario says otherwise). Failed = connection error, client "
+             "timeout, 5xx or any status but 200/429; p99 over the 200 answers sent before / during / after the fault.",
+             "", "| scenario | requests | failed | rejected (429) | fallbacks | p99 before ms | p99 during ms | "
+             "p99 after ms | checks |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ok = sum(r["checks"].values())
+        lines.append(f"| {r['scenario']} | {r['requests']} | {r['failed']} | {r['rejected']} | {r['fallbacks']} | "
+                     f"{r['p99_before_ms']} | {r['p99_during_ms']} | {r['p99_after_ms']} | {ok}/{len(r['checks'])} |")
+    for r in results:
+        lines += ["", f"## {r['scenario']}", ""]
+        lines += [f"- {'PASS' if v else 'FAIL'}: {k}" for k, v in r["checks"].items()]
+        extra = {k: v for k, v in r.items() if k not in {"scenario", "requests", "failed", "rejected", "fallbacks",
+                                                         "checks", "passed"} and not k.startswith("p99_")}
+        lines += [f"- {k}: {v}" for k, v in extra.items()]
+    path = out / "reliability.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(names: list[str], models: Path, quick: bool) -> list[dict[str, Any]]:
+    version = newest_heldout(models).parent.name
+    root = models if (models / version).is_dir() else models.parent
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # The reload scenario writes sibling versions: work on a copy of the model folder.
+        served = Path(tmp) / "models"
+        served.mkdir()
+        shutil.copytree(root / version, served / version)
+        env = Env(served, version, Path(tmp), quick)
+        for name in names:
+            t0 = time.monotonic()
+            summary = SCENARIOS[name](env).summary()
+            summary["seconds"] = round(time.monotonic() - t0, 1)
+            print(json.dumps({k: v for k, v in summary.items() if k != "hostile_statuses"}), flush=True)
+            results.append(summary)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    load = sub.add_parser("load", help="(internal) the load-generating process")
+    load.add_argument("--url", required=True)
+    load.add_argument("--models", type=Path, default=Path("models"))
+    load.add_argument("--connections", type=int, default=4)
+    load.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop; 0 = closed loop")
+    load.add_argument("--duration", type=float, default=600.0)
+    load.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", type=Path, default=Path("models"), help="model folder (newest version served)")
+    parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true", help=f"short versions of {', '.join(QUICK)} (CI)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
+    args = parser.parse_args(argv)
+    if args.command == "load":
+        load_main(args)
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(QUICK if args.quick else SCENARIOS)
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; expected {list(SCENARIOS)}")
+    t0 = time.monotonic()
+    results = run(names, args.models, args.quick)
+    path = write_report(results, args.out, "python -m loadtest.faults " + " ".join(argv or sys.argv[1:]),
+                        time.monotonic() - t0)
+    print(f"report: {path}")
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The fault suite's fast scenarios, in CI: hostile input, a short Redis kill/restart, a short reload series.
+
+Each runs the real `python -m service` process and a real redis-server, with load from a second process;
+``make faults`` runs all six at full length and writes reports/reliability.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtest import faults
+
+
+@pytest.mark.parametrize("name", faults.QUICK)
+def test_quick_fault_scenario_passes_every_check(name: str, model_root: Path) -> None:
+    (result,) = faults.run([name], model_root, quick=True)
+    failed = [check for check, ok in result["checks"].items() if not ok]
+    assert not failed, (failed, {k: v for k, v in result.items() if k != "hostile_statuses"})
+    assert result["requests"] > 0 or name == "hostile"
+
+
+def test_report_lists_every_scenario_with_its_figures(tmp_path: Path) -> None:
+    results = [{"scenario": "redis_kill", "requests": 10, "failed": 0, "rejected": 0, "fallbacks": 0,
+                "p99_before_ms": 1.0, "p99_during_ms": 2.0, "p99_after_ms": 1.5,
+                "checks": {"no failed request": True, "breaker opened": False}, "passed": False, "seconds": 3.0}]
+    text = faults.write_report(results, tmp_path, "python -m loadtest.faults", 3.0).read_text()
+    assert "| redis_kill | 10 | 0 | 0 | 0 | 1.0 | 2.0 | 1.5 | 1/2 |" in text
+    assert "- FAIL: breaker opened" in text and "- PASS: no failed request" in text
+
+
+def test_hostile_bodies_cover_the_issue_list() -> None:
+    names = " ".join(name for name, _, _ in faults.hostile_bodies(50))
+    for word in ("oversized", "nested", "huge number", "non-UTF-8", "thousands of candidates"):
+        assert word in names
