@@ -543,17 +543,25 @@ def hostile(env: Env) -> Result:
         examples = 50 if env.quick else 300
         st = subprocess.run([str(Path(sys.executable).with_name("schemathesis")), "run", f"{svc.url}/openapi.json",
                              "--checks", "not_a_server_error", "--max-examples", str(examples), "--phases",
-                             "examples,coverage,fuzzing", "--no-color"],
+                             "examples,coverage,fuzzing", "--no-color", "-H", f"Authorization: Bearer {ADMIN_TOKEN}"],
                             capture_output=True, text=True, timeout=400, cwd=env.work)
         rss1 = rss_mb(svc.pid)
         alive = get(f"{svc.url}/livez")[0] == 200
+    cases = re.search(r"\d+ generated, .*", st.stdout)
+    warnings = [line.strip() for line in st.stdout.split("Warnings:", 1)[-1].splitlines()
+                if "⚠" in line] if "Warnings:" in st.stdout else []
     res.figures.update({"hostile_statuses": statuses, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
-                        "schemathesis_exit": st.returncode,
-                        "schemathesis_summary": st.stdout.strip().splitlines()[-3:]})
+                        "schemathesis_exit": st.returncode, "schemathesis_cases": cases.group(0) if cases else None,
+                        "schemathesis_warnings": warnings})
     res.check("no 5xx on hostile bodies", all(s < 500 for s in statuses.values()))
     res.check("every hostile body refused with a 4xx (or the connection closed)",
               all(s == 0 or 400 <= s < 500 for s in statuses.values()))
     res.check("schemathesis found no server error", st.returncode == 0)
+    # "Schema validation mismatch" (the service rejects much of what the schema allows) is expected on /rerank:
+    # unique item ids and k <= len(candidates) are not expressible in JSON Schema. Any other warning means
+    # part of the API went untested (an unresolvable $ref, or 401s only).
+    res.check("schemathesis tested every operation (no unresolved schema, no auth failure)",
+              cases is not None and all("Schema validation mismatch" in w for w in warnings))
     res.check("still alive", alive)
     res.check("memory growth < 150 MiB", rss1 - rss0 < 150)
     return res
@@ -577,8 +585,11 @@ def write_report(results: list[dict[str, Any]], out: Path, command: str, seconds
              "p99 after ms | checks |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ok = sum(r["checks"].values())
-        lines.append(f"| {r['scenario']} | {r['requests']} | {r['failed']} | {r['rejected']} | {r['fallbacks']} | "
-                     f"{r['p99_before_ms']} | {r['p99_during_ms']} | {r['p99_after_ms']} | {ok}/{len(r['checks'])} |")
+        cells = [r[k] if r[k] is not None else "-" for k in ("requests", "failed", "rejected", "fallbacks",
+                                                              "p99_before_ms", "p99_during_ms", "p99_after_ms")]
+        if not r["requests"]:  # no load in this scenario (hostile): its requests are in its own section
+            cells = ["-"] * len(cells)
+        lines.append(f"| {r['scenario']} | " + " | ".join(map(str, cells)) + f" | {ok}/{len(r['checks'])} |")
     for r in results:
         lines += ["", f"## {r['scenario']}", ""]
         lines += [f"- {'PASS' if v else 'FAIL'}: {k}" for k, v in r["checks"].items()]
@@ -634,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {unknown}; expected {list(SCENARIOS)}")
     t0 = time.monotonic()
     results = run(names, args.models, args.quick)
-    path = write_report(results, args.out, "python -m loadtest.faults " + " ".join(argv or sys.argv[1:]),
+    path = write_report(results, args.out, " ".join(["python -m loadtest.faults", *(argv or sys.argv[1:])]),
                         time.monotonic() - t0)
     print(f"report: {path}")
     return 0 if all(r["passed"] for r in results) else 1

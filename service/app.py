@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import hmac
 import logging
@@ -212,9 +213,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return errors.error_response(errors.ServiceError("internal error"))
 
+    # The body is read by hand (see the plain Route below), so FastAPI does not know its model: the request
+    # schema and the models it refers to go into components here, so every $ref in /openapi.json resolves.
+    # The limits that depend on the served model (list length, score range) are filled in from it; a reload
+    # clears the cached document.
+    request_schema = RerankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_defs = {"RerankRequest": request_schema, **request_schema.pop("$defs", {})}
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schemas = default_openapi().setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(copy.deepcopy(request_defs))
+            state: State | None = getattr(app.state, "rerank", None)
+            if state is not None:
+                low, high = state.model.score_range
+                schemas["RerankRequest"]["properties"]["candidates"]["maxItems"] = state.model.max_candidates
+                schemas["Candidate"]["properties"]["score"].update({"minimum": low, "maximum": high})
+                props = schemas["RerankRequest"]["properties"]
+                props["k"]["maximum"] = state.model.max_candidates
+                props["timeout_ms"]["maximum"] = settings.max_timeout_ms
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.post("/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": RerankRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+                  "schema": {"$ref": "#/components/schemas/RerankRequest"},
                   "example": RerankRequest.model_config["json_schema_extra"]["examples"][0]}}}})  # type: ignore[index]
     async def rerank(request: Request) -> Response:
         """Rerank the candidates; answers in retriever order with ``fallback: true`` if the model fails
@@ -347,6 +372,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             "version", version or str(settings.model_dir)) from None
             previous = state.model.version
             state.model = new  # atomic: one attribute; requests already queued keep their own model
+            app.openapi_schema = None  # its limits come from the model
             freeze_heap()
             state.features.set_snapshot(snapshot)
             metrics.model_info.info({"version": new.version, "providers": ",".join(new.providers)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,9 @@ def find_version(root: Path, version: str = "") -> Path:
     if (root / "manifest.json").is_file() and not version:
         return root
     if version:
+        # One folder name under root: "../x" or "/abs" would let the admin endpoint load from anywhere.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", version):
+            raise ModelError(f"{version!r} is not a version folder name (letters, digits, '.', '_', '-')")
         folder = root / version
         if not (folder / "manifest.json").is_file():
             raise ModelError(f"{folder}: no such model version (no manifest.json)")

@@ -38,9 +38,12 @@ class RerankRequest(BaseModel):
     request_id: str = Field("", max_length=ID_MAX_CHARS, description="echoed back; free text")
     user_id: str = Field(min_length=1, max_length=ID_MAX_CHARS, description="unknown users get cold-start features")
     candidates: list[Candidate] = Field(min_length=1, description="the retriever's candidates, any order")
-    k: int | None = Field(None, description="items to return; default from settings, at most len(candidates)")
-    timeout_ms: float | None = Field(None, allow_inf_nan=False,
-                                     description="deadline for the whole request; default from settings")
+    # minimum / exclusiveMinimum are documented in the schema only: check_request says what is wrong and why.
+    k: int | None = Field(None, json_schema_extra={"minimum": 1},
+                          description="items to return; default from settings, at most len(candidates)")
+    timeout_ms: float | None = Field(None, allow_inf_nan=False, json_schema_extra={"exclusiveMinimum": 0},
+                                     description="deadline for the whole request; default from settings, at most "
+                                                 "RERANK_MAX_TIMEOUT_MS")
 
 
 class RankedItem(BaseModel):

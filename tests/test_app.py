@@ -174,9 +174,40 @@ def test_operations_endpoints(client: TestClient) -> None:
     assert "example" in spec["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]
 
 
+def test_every_openapi_reference_resolves(client: TestClient) -> None:
+    """schemathesis skipped the /rerank body when Candidate was referenced but not defined."""
+    spec = client.get("/openapi.json").json()
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from [value] if key == "$ref" else refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert "#/components/schemas/Candidate" in found and "#/components/schemas/RerankRequest" in found
+    schemas = spec["components"]["schemas"]
+    model = client.app.state.rerank.model  # type: ignore[attr-defined]
+    assert schemas["RerankRequest"]["properties"]["candidates"]["maxItems"] == model.max_candidates
+    score = schemas["Candidate"]["properties"]["score"]
+    assert (score["minimum"], score["maximum"]) == model.score_range
+    assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in found), found - {
+        f"#/components/schemas/{name}" for name in schemas}
+
+
 def test_admin_needs_the_token(client: TestClient) -> None:
     assert client.post("/admin/reload").status_code == 401
     assert client.post("/admin/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
+
+
+@pytest.mark.parametrize("version", ["../tiny-v2", "/etc", "..", "tiny-v2/../tiny-v1", ".hidden"])
+def test_reload_refuses_a_version_outside_the_model_folder(client: TestClient, version: str) -> None:
+    resp = client.post("/admin/reload", params={"version": version}, headers={"authorization": "Bearer test-token"})
+    err = resp.json()["error"]
+    assert resp.status_code == 422 and err["field"] == "version" and err["value"] == version
+    assert "not a version folder name" in err["message"]
 
 
 def test_admin_disabled_without_a_token(model_root: Path) -> None:
