@@ -553,6 +553,9 @@ def hostile(env: Env) -> Result:
     res.figures.update({"hostile_statuses": statuses, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
                         "schemathesis_exit": st.returncode, "schemathesis_cases": cases.group(0) if cases else None,
                         "schemathesis_warnings": warnings})
+    if st.returncode:  # what it found, for the report: the FAILURES section up to the warnings or summary
+        found = re.search(r"=+ FAILURES =+\n(.*?)(?:=+ (?:WARNINGS|SUMMARY) =+)", st.stdout, re.S)
+        res.figures["schemathesis_failures"] = (found.group(1) if found else st.stdout[-3000:]).strip()[:4000]
     res.check("no 5xx on hostile bodies", all(s < 500 for s in statuses.values()))
     res.check("every hostile body refused with a 4xx (or the connection closed)",
               all(s == 0 or 400 <= s < 500 for s in statuses.values()))
