@@ -228,10 +228,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state: State | None = getattr(app.state, "rerank", None)
             if state is not None:
                 low, high = state.model.score_range
-                schemas["RerankRequest"]["properties"]["candidates"]["maxItems"] = state.model.max_candidates
                 schemas["Candidate"]["properties"]["score"].update({"minimum": low, "maximum": high})
                 props = schemas["RerankRequest"]["properties"]
-                props["k"]["maximum"] = state.model.max_candidates
+                props["candidates"]["maxItems"] = props["k"]["maximum"] = state.model.max_candidates
                 props["timeout_ms"]["maximum"] = settings.max_timeout_ms
         return app.openapi_schema  # type: ignore[return-value]
 

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
     max_in_flight: int = Field(64, ge=1, description=(
-        "/rerank requests past their body and not yet answered; more get 429 at once (see service/admission.py)"))
+        "/rerank requests being answered at once; more get 429 straight away (see service/admission.py)"))
 
     # --- features
     redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")

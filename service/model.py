@@ -144,9 +144,9 @@ class RerankModel:
         if got != EXPECTED_INPUTS:
             raise ModelError(f"{folder}: graph inputs {got} differ from what the service feeds {EXPECTED_INPUTS}")
         declared = [i.get("name") for i in m["graph"].get("inputs", [])]
-        if declared != [i.name for i in self.session.get_inputs()]:
-            raise ModelError(f"{folder}: the manifest declares inputs {declared}, the graph has "
-                             f"{[i.name for i in self.session.get_inputs()]}: mismatched artifacts")
+        if declared != list(got):
+            raise ModelError(f"{folder}: the manifest declares inputs {declared}, the graph has {list(got)}: "
+                             "mismatched artifacts")
         out = self.session.get_outputs()[0]
         if (out.name, out.type) != EXPECTED_OUTPUT:
             raise ModelError(f"{folder}: graph output {(out.name, out.type)} is not {EXPECTED_OUTPUT}")

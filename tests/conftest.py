@@ -98,6 +98,18 @@ def model_root(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def slow_model(svc: ServiceThread, seconds: float) -> None:
+    """Every batch of the served model takes ``seconds`` longer (the worker thread sleeps first)."""
+    model = svc.app.state.rerank.model
+    original = model.rank
+
+    def slow(jobs: Any) -> Any:
+        time.sleep(seconds)
+        return original(jobs)
+
+    model.rank = slow
+
+
 class ServiceThread:
     """The real app under uvicorn on a free port, in a background thread."""
 

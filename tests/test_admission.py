@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ServiceThread, service_settings
+from tests.conftest import ServiceThread, service_settings, slow_model
 
 
 def body(model_root: Path) -> bytes:
@@ -62,14 +60,7 @@ def test_a_burst_is_admitted_up_to_the_limit_and_the_rest_is_shed_at_the_door(mo
     46 others are refused at the door, even those parsed in the same event-loop turn as the first four
     (``Gate.pending``), so none of them costs the app a handler."""
     with ServiceThread(service_settings(model_root, max_in_flight=4, max_batch_size=64)) as svc:
-        model = svc.app.state.rerank.model
-        original = model.rank
-
-        def slow(jobs: Any) -> Any:
-            time.sleep(0.5)
-            return original(jobs)
-
-        model.rank = slow
+        slow_model(svc, 0.5)
         payload = body(model_root)
 
         async def burst() -> list[httpx.Response]:

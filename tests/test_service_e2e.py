@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import RedisServer, ServiceThread, service_settings
+from tests.conftest import RedisServer, ServiceThread, service_settings, slow_model
 
 
 def heldout(model_root: Path) -> list[dict[str, Any]]:
@@ -102,14 +102,7 @@ def test_overload_answers_429_with_retry_after_fast(model_root: Path) -> None:
     settings = service_settings(model_root, max_queue_size=2, max_batch_size=1)
     bodies = [heldout(model_root)[0]["request"] | {"timeout_ms": 5000}] * 40
     with ServiceThread(settings) as svc:
-        model = svc.app.state.rerank.model
-        original = model.rank
-
-        def slow(jobs: Any) -> Any:
-            time.sleep(0.05)
-            return original(jobs)
-
-        model.rank = slow
+        slow_model(svc, 0.05)
         responses = asyncio.run(_stream(svc.url, bodies, concurrency=40))
     codes = [r.status_code for r in responses]
     assert set(codes) == {200, 429}, codes
