@@ -24,11 +24,11 @@ PENDING_KEY = "rerank.pending"  # scope key SheddingProtocol sets on the request
 class Gate:
     """At most ``max_in_flight`` /rerank requests between the door and their answer; the rest get 429."""
 
-    def __init__(self, max_in_flight: int, retry_after_s: int, path: str = "/rerank",
+    def __init__(self, max_in_flight: int, retry_after_s: int, path: bytes = b"/rerank",
                  on_shed: Callable[[], None] = lambda: None) -> None:
         self.max_in_flight = max_in_flight
         self.retry_after_s = retry_after_s
-        self.path, self.raw_path = path, path.encode()
+        self.path = path
         self.on_shed = on_shed  # called once per request refused for the limit, at the door or in the app
         self.in_flight = 0  # in the handler: from its first line to its answer
         # Let in by SheddingProtocol, handler not started yet: one loop turn parses every readable socket
@@ -77,13 +77,15 @@ def shedding_protocol(gate: Gate) -> type[HttpToolsProtocol]:
         shedding = False
 
         def on_headers_complete(self) -> None:
-            self.shedding = (gate.full and not self.expect_100_continue and self.parser.get_method() == b"POST"
-                             and self.url.split(b"?", 1)[0] == gate.raw_path
-                             and (self.cycle is None or self.cycle.response_complete) and not self.pipeline)
+            # Only a request uvicorn starts at once is the door's business: a pipelined one waits behind an
+            # answer still owed on this connection, and never starts if the connection closes first.
+            idle = (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+            gated = idle and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == gate.path
+            self.shedding = gated and gate.full and not self.expect_100_continue
             if self.shedding:
                 return
             super().on_headers_complete()
-            if self.scope.get("method") == "POST" and self.scope.get("path") == gate.path:
+            if gated and self.cycle is not None and self.cycle.scope is self.scope:  # started (not an upgrade)
                 cast(dict[str, Any], self.scope)[PENDING_KEY] = True
                 gate.pending += 1
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -90,3 +92,22 @@ def test_counts_return_to_zero_after_requests_of_every_kind(model_root: Path) ->
         gate = svc.app.state.gate
         assert gate.in_flight == 0 and gate.pending == 0
     assert codes[0] == 200 and all(400 <= c < 500 for c in codes[1:]), codes
+
+
+def test_pipelined_requests_on_a_closed_connection_leave_no_slot_taken(model_root: Path) -> None:
+    """uvicorn never starts a pipelined request whose connection closed first, so the door must not have
+    counted it as pending: 64 such connections would otherwise close the gate for good."""
+    payload = body(model_root)
+    request = (b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    with ServiceThread(service_settings(model_root)) as svc:
+        slow_model(svc, 0.2)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", svc.port)) as sock:
+                sock.sendall(request * 3)
+                time.sleep(0.05)
+        gate = svc.app.state.gate
+        deadline = time.monotonic() + 5
+        while (gate.in_flight or gate.pending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (gate.in_flight, gate.pending) == (0, 0)
