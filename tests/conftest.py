@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from loadtest.procs import RedisServer, free_port
-from training import data, retriever
+from training import candidates, data, retriever
 from training.train import TrainConfig, TrainResult, train
 
 
@@ -51,24 +51,26 @@ def synthetic_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 @dataclass
 class Tiny:
     dataset: data.Dataset
-    scores: np.ndarray
-    lists: dict[str, retriever.CandidateLists]
+    retr: retriever.RetrieverScores
+    lists: dict[str, candidates.CandidateLists]
     cfg: TrainConfig
     result: TrainResult
 
 
+TINY_LISTS = candidates.ListConfig(candidates=30, sampler="uniform")
 TINY_TRAIN = TrainConfig(variant="prm-concat", epochs=3, patience=3, batch_size=64, hidden=32, heads=2,
                          layers=1, dropout=0.1, lr=3e-3)
 
 
 @pytest.fixture(scope="session")
 def tiny(synthetic_files: tuple[Path, Path, Path]) -> Tiny:
-    """A tiny end-to-end run: synthetic table -> 10-core -> MF -> 30-candidate lists -> PRM+concat."""
+    """A tiny end-to-end run: synthetic table -> 10-core -> MFs (pre-validation + 3 folds) -> 30-candidate lists
+    (uniform negatives) -> PRM+concat."""
     dataset = data.prepare(data.load_table(*synthetic_files), core=10, history_len=8)
-    scores = retriever.train_retriever(dataset, retriever.RetrieverConfig(dim=8, epochs=5))
-    lists = retriever.build_all_lists(dataset, scores, n_candidates=30)
+    retr = retriever.fit_retrievers(dataset, retriever.RetrieverConfig(dim=8, epochs=5, folds=3))
+    lists = candidates.build_all_lists(dataset, retr, TINY_LISTS)
     result = train(dataset, lists, TINY_TRAIN, progress=False)
-    return Tiny(dataset, scores, lists, TINY_TRAIN, result)
+    return Tiny(dataset, retr, lists, TINY_TRAIN, result)
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,14 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
                  str(items), "--core", "10", "--history-len", "6", "--candidates", "20", "--variants",
                  "retriever,prm,prm-add,prm-concat,g,dnr-b", "--seeds", "2", "--epochs", "2", "--lambda-e", "1",
                  "--patience", "1", "--hidden", "16", "--batch-size", "64",
-                 "--mf-epochs", "2", "--mf-dim", "8", "--out-reports", str(tmp_path / "reports"),
+                 "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2", "--sampler", "uniform",
+                 "--regime-samplers", "uniform,retrieved", "--regime-seeds", "1",
+                 "--out-reports", str(tmp_path / "reports"),
                  "--out-models", str(tmp_path / "models"), "--version", "cli-v1", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     assert "| users |" in out and "exported" in out
+    assert "leakage audit, sampler uniform:" in out and "leakage audit, sampler retrieved:" in out
     with open(tmp_path / "reports" / "ratings.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["variant"] for r in rows} == {"retriever", "prm", "prm-add", "prm-concat", "g", "dnr-b"}
@@ -35,6 +38,24 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     assert "| prm-add |" in report and "s / epoch" in report and "## Deviations from the paper" in report
     assert "| dnr-b | prm-concat |" in report and "| g | prm-concat |" in report  # significance rows
     assert "| prm-concat | " in report and " 76.73 |" in report  # the paper's ML-1M N@6 beside ours
+    # The audit comes first; the main table measures every variant against the best non-learned ranking.
+    assert next(line for line in report.splitlines() if line.startswith("## ")) == "## Leakage audit"
+    assert "| **uniform** (default) |" in report and "| retrieved |" in report
+    assert re.search(r"\| N@6 − \w+ order \(\d+\.\d\d\) \|", report)
+    # The regimes table: the key variants (retriever, prm, the best pathway, dnr-b) under both samplers, with
+    # dnr-b against prm and the pathway under each.
+    audit = json.loads((reports / "ratings_audit.json").read_text())
+    assert audit["default"] == "uniform" and set(audit["samplers"]) == {"uniform", "retrieved"}
+    with open(reports / "ratings_regimes.csv") as f:
+        regimes = list(csv.DictReader(f))
+    assert {r["sampler"] for r in regimes} == {"uniform", "retrieved"}
+    with open(reports / "ratings_runs.csv") as f:
+        main_valid = [r for r in csv.DictReader(f) if r["split"] == "valid" and r["metric"] == "N@6"]
+    pathway = max(("prm-add", "prm-concat"), key=lambda v: sum(float(r["value"]) for r in main_valid
+                                                                 if r["variant"] == v))
+    for sampler in ("uniform", "retrieved"):
+        assert {r["variant"] for r in regimes if r["sampler"] == sampler} == {"retriever", "prm", pathway, "dnr-b"}
+        assert f"| {sampler} | dnr-b | prm |" in report and f"| {sampler} | dnr-b | {pathway} |" in report
     for plot in ("ratings_valid_n6.png", "ratings_scores.png"):
         assert (reports / plot).read_bytes()[:4] == b"\x89PNG"
     with open(reports / "ratings_scores.csv") as f:
@@ -81,7 +102,8 @@ def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic
     code = main(["choices", "--dataset", "table", "--path", str(ratings), "--users", str(users), "--items",
                  str(items), "--core", "10", "--history-len", "6", "--candidates", "20", "--variant", "dnr-g",
                  "--epochs", "2", "--lambda-e", "1", "--patience", "1", "--hidden", "16", "--batch-size", "64",
-                 "--mf-epochs", "2", "--mf-dim", "8", "--out-reports", str(tmp_path), "--no-progress"])
+                 "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2", "--out-reports", str(tmp_path),
+                 "--no-progress"])
     assert code == 0
     table = (tmp_path / "ratings_choices.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]

@@ -1,8 +1,9 @@
-"""MF retriever and candidate lists: what the retriever may see, list composition and order."""
+"""MF retrievers: what each may see (pre-validation, out of fold), the fold assignment, score range."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.conftest import Tiny
 from training import data, retriever
@@ -19,46 +20,55 @@ def test_retriever_trains_only_before_validation(tiny: Tiny) -> None:
 
 
 def test_scores_are_probabilities(tiny: Tiny) -> None:
-    s = tiny.scores
-    assert s.shape == (len(tiny.dataset.user_ids), tiny.dataset.n_items)
-    assert (s >= 0).all() and (s <= 1).all()
-    assert (s[:, : data.ITEM_OFFSET] == 0).all()
+    for s in (tiny.retr.pre_valid, *tiny.retr.fold_scores):
+        assert s.shape == (len(tiny.dataset.user_ids), tiny.dataset.n_items)
+        assert (s >= 0).all() and (s <= 1).all()
+        assert (s[:, : data.ITEM_OFFSET] == 0).all()
+    # K + 1 different fits, not one model copied.
+    assert len(tiny.retr.fold_scores) == 3
+    assert not np.allclose(tiny.retr.fold_scores[0], tiny.retr.fold_scores[1])
+    assert not np.allclose(tiny.retr.fold_scores[0], tiny.retr.pre_valid)
 
 
-def test_lists_hold_the_slate_and_unseen_top_items_in_retriever_order(tiny: Tiny) -> None:
-    d, lists = tiny.dataset, tiny.lists
-    for split, slates in d.splits.items():
-        cl = lists[split]
-        assert cl.items.shape == (len(slates), 30) and cl.mask.all()
-        assert (np.diff(cl.scores, axis=1) <= 0).all(), "lists must be ordered by retriever score"
-        for row in range(min(len(cl), 20)):
-            u, start = slates.user[row], slates.start[row]
-            slate = set(d.seq_items[u][start : start + 6].tolist())
-            items = cl.items[row].tolist()
-            assert len(set(items)) == 30 and slate <= set(items)
-            others = set(items) - slate
-            assert not others & set(d.seq_items[u].tolist()), "negatives must be unseen by the user"
-            unseen = np.setdiff1d(np.arange(data.ITEM_OFFSET, d.n_items), d.seq_items[u])
-            best_unseen = np.sort(tiny.scores[u, unseen])[::-1][:24]
-            assert np.allclose(np.sort(tiny.scores[u, list(others)])[::-1], best_unseen)
-            labels = dict(zip(items, cl.labels[row].tolist(), strict=True))
-            for i, z in zip(d.seq_items[u][start : start + 6], d.seq_z[u][start : start + 6], strict=True):
-                assert labels[int(i)] == z
-            assert all(labels[i] == 0 for i in others)
-            assert np.allclose(cl.scores[row], tiny.scores[u, cl.items[row]])
+def test_folds_are_balanced_within_each_user(tiny: Tiny) -> None:
+    train, fold = tiny.dataset.splits["train"], tiny.retr.fold
+    assert fold.shape == (len(train),) and set(fold.tolist()) == {0, 1, 2}
+    for u in np.unique(train.user):
+        counts = np.bincount(fold[train.user == u], minlength=3)
+        assert counts.max() - counts.min() <= 1, (u, counts)
+    # Seeded: the same assignment again, another one under another seed.
+    assert np.array_equal(retriever.assign_folds(tiny.dataset, 3, 0), fold)
+    assert not np.array_equal(retriever.assign_folds(tiny.dataset, 3, 1), fold)
 
 
-def test_slate_position_is_not_leaked(tiny: Tiny) -> None:
-    """Slate items sit where their scores put them: on held-out lists they are not the first six."""
-    test = tiny.lists["test"]
-    first_six = np.isin(np.arange(30), np.arange(6))[None].repeat(len(test), 0)
-    in_slate = np.zeros_like(test.mask)
-    for row in range(len(test)):
-        u, start = tiny.dataset.splits["test"].user[row], tiny.dataset.splits["test"].start[row]
-        in_slate[row] = np.isin(test.items[row], tiny.dataset.seq_items[u][start : start + 6])
-    assert (in_slate & first_six).sum() < in_slate.sum()
-    assert len({tuple(np.flatnonzero(r)) for r in in_slate}) > 1
+def test_no_training_list_is_scored_by_an_mf_that_saw_its_slate(tiny: Tiny) -> None:
+    d, retr = tiny.dataset, tiny.retr
+    train, size = d.splits["train"], d.slate_size
+    before_valid = retriever.seen_before_valid(d)
+    for k in range(len(retr.fold_scores)):
+        fitted_on = retriever.fold_interactions(d, retr.fold, k)
+        held_out = 0
+        for u, start in zip(train.user[retr.fold == k], train.start[retr.fold == k], strict=True):
+            slate = d.seq_items[u][start : start + size]
+            assert not np.isin(slate, fitted_on[u]).any(), f"fold {k} MF saw a slate of user {u}"
+            held_out += len(slate)
+        # Everything else before validation stays in: the fold MF is the pre-validation MF minus one fold.
+        assert sum(map(len, before_valid)) - sum(map(len, fitted_on)) == held_out
+    lists = tiny.lists["train"]
+    assert np.array_equal(lists.fold, retr.fold)
+    for row in range(len(lists)):
+        scored_by = retr.fold_scores[lists.fold[row]]
+        assert np.array_equal(lists.scores[row], scored_by[lists.user[row], lists.items[row]]), row
+    for split in ("valid", "test"):
+        held = tiny.lists[split]
+        assert (held.fold == retriever.PRE_VALID).all()
+        assert np.array_equal(held.scores, retr.pre_valid[held.user[:, None], held.items])
+
+
+def test_one_fold_is_refused(tiny: Tiny) -> None:
+    with pytest.raises(ValueError, match="folds 1 must be >= 2"):
+        retriever.RetrieverConfig(folds=1)
 
 
 def test_heldout_auc_beats_chance(tiny: Tiny) -> None:
-    assert retriever.heldout_auc(tiny.dataset, tiny.scores) > 0.5
+    assert retriever.heldout_auc(tiny.dataset, tiny.retr.pre_valid) > 0.5

@@ -1,7 +1,9 @@
 """The offline pipeline's one CLI.
 
     python -m training stats                       # dataset statistics table
-    python -m training pipeline                    # stats -> retriever -> variants x seeds -> report -> export
+    python -m training pipeline                    # stats -> retrievers -> lists + audit per sampler ->
+                                                   # variants x seeds -> regimes -> report -> export
+    python -m training pipeline --sampler uniform --regime-samplers ""   # another default, no regimes table
     python -m training pipeline --variants prm,prm-concat --seeds 3 --out-reports reports --out-models models
     python -m training pipeline --variants prm-concat,dnr-g --lambda-e 5 --lx-estimator w1
     python -m training report --name ml100k        # redraw reports/ml100k.md and its plots from the saved runs
@@ -23,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
-from training import data, evaluate, export, metrics, retriever
+from training import audit, candidates, data, evaluate, export, report, retriever
 from training.train import VARIANTS, TrainConfig
 
 T = TypeVar("T")
@@ -40,7 +40,6 @@ class DataConfig:
     items: Path | None = field(default=None, metadata={"help": "table: optional item side-feature file"})
     core: int = field(default=20, metadata={"help": "iterative k-core filter on users and items"})
     history_len: int = field(default=30, metadata={"help": "history items per user state"})
-    candidates: int = field(default=50, metadata={"help": "candidates per list (slate items + unseen top-scored)"})
 
 
 @dataclass
@@ -54,6 +53,10 @@ class RunConfig:
     export: bool = field(default=True, metadata={"help": "export the best variant on validation"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model version"})
     progress: bool = field(default=True, metadata={"help": "progress bars and per-run lines"})
+    regime_samplers: str = field(default=",".join(candidates.SAMPLERS), metadata={
+        "help": "samplers of the regimes table (retriever, prm, best pathway, dnr-g, dnr-b under each); "
+                "empty: none"})
+    regime_seeds: int = field(default=3, metadata={"help": "seeds per variant in the regimes table (0 .. n-1)"})
 
 
 def add_config(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "", skip: tuple[str, ...] = ()) -> None:
@@ -86,32 +89,63 @@ def cmd_stats(args: argparse.Namespace) -> None:
     print(data.stats_table(load_dataset(from_args(DataConfig, args))))
 
 
+def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: candidates.ListConfig
+                  ) -> tuple[dict[str, candidates.CandidateLists], audit.Audit]:
+    """The lists of ``cfg.sampler`` and their leakage audit, printed loudly when it fails."""
+    lists = candidates.build_all_lists(dataset, retr, cfg)
+    result = audit.audit(lists, candidates.item_counts(dataset))
+    figures = " | ".join(f"{name} {value:.2f}" for name, value in result.n6.items())
+    auc = result.list_auc
+    print(f"leakage audit, sampler {cfg.sampler}: test N@6 {figures}; retriever list AUC train {auc['train']:.2f}, "
+          f"test {auc['test']:.2f}", flush=True)
+    if result.valid:
+        print(f"leakage audit, sampler {cfg.sampler}: VALID", flush=True)
+    else:
+        bar = "!" * 100
+        print(f"{bar}\nLEAKAGE AUDIT, sampler {cfg.sampler}: {result.verdict}\n{bar}", flush=True)
+    return lists, result
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data_cfg = from_args(DataConfig, args)
+    list_cfg = from_args(candidates.ListConfig, args)
     run_cfg = from_args(RunConfig, args)
     retr_cfg = from_args(retriever.RetrieverConfig, args, "mf_")
     train_cfg = from_args(TrainConfig, args)
+    variants = [v.strip() for v in run_cfg.variants.split(",") if v.strip()]
+    evaluate.check_variants(variants)
+    regime_samplers = [s.strip() for s in run_cfg.regime_samplers.split(",") if s.strip()]
+    for sampler in regime_samplers:
+        dataclasses.replace(list_cfg, sampler=sampler)  # refuses an unknown sampler before any training
     dataset = load_dataset(data_cfg)
     print(data.stats_table(dataset), flush=True)
 
-    scores = retriever.train_retriever(dataset, retr_cfg)
-    lists = retriever.build_all_lists(dataset, scores, data_cfg.candidates)
-    retr_auc = retriever.heldout_auc(dataset, scores)
-    list_auc = {s: float(np.nanmean(metrics.auc(lists[s].scores, lists[s].labels, lists[s].mask)) * 100)
-                for s in ("train", "test")}
-    print(f"retriever held-out AUC {retr_auc:.4f}; list AUC train {list_auc['train']:.2f}, "
-          f"test {list_auc['test']:.2f}", flush=True)
+    retr = retriever.fit_retrievers(dataset, retr_cfg)
+    retr_auc = retriever.heldout_auc(dataset, retr.pre_valid)
+    print(f"retriever held-out AUC {retr_auc:.4f} ({retr_cfg.folds} out-of-fold MFs for the training lists)",
+          flush=True)
+    default = list_cfg.sampler
+    lists_of, audits = {}, {}
+    for sampler in dict.fromkeys([default, *regime_samplers]):
+        cfg = dataclasses.replace(list_cfg, sampler=sampler)
+        lists_of[sampler], audits[sampler] = audited_lists(dataset, retr, cfg)
+    lists = lists_of[default]
 
-    variants = [v.strip() for v in run_cfg.variants.split(",") if v.strip()]
-    runs = evaluate.run_variants(dataset, lists, variants, list(range(run_cfg.seeds)), train_cfg,
-                                 run_cfg.progress)
+    runs = evaluate.run_variants(dataset, lists, variants, list(range(run_cfg.seeds)), train_cfg, run_cfg.progress)
+    key = evaluate.regime_variants(runs)
+    regimes = {default: [r for r in runs if r.variant in key]}
+    for sampler in regime_samplers:
+        if sampler != default:
+            if run_cfg.progress:
+                print(f"regime {sampler}: {', '.join(key)}", flush=True)
+            regimes[sampler] = evaluate.run_variants(dataset, lists_of[sampler], key,
+                                                     list(range(run_cfg.regime_seeds)), train_cfg, run_cfg.progress)
     info: dict[str, Any] = {
         "command": "python -m training " + shlex.join(sys.argv[1:]),
         "retriever_heldout_auc": retr_auc,
-        "retriever_train_list_auc": list_auc["train"],
-        "retriever_test_list_auc": list_auc["test"],
         "data": dataclasses.asdict(data_cfg),
+        "lists": dataclasses.asdict(list_cfg),
         "retriever": dataclasses.asdict(retr_cfg),
         "reranker": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in {"variant", "seed"}},
     }
@@ -120,8 +154,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         info["best_variant"] = evaluate.best_variant(runs)
     info["wall_seconds"] = round(time.perf_counter() - t0)
     evaluate.save_runs(run_cfg.out_reports, dataset, lists, runs, info)
-    report = evaluate.write_report(run_cfg.out_reports, dataset.name)
-    print(f"report: {report}", flush=True)
+    evaluate.save_audits(run_cfg.out_reports, dataset.name, audits, default)
+    evaluate.save_regimes(run_cfg.out_reports, dataset.name, regimes)
+    print(f"report: {report.write_report(run_cfg.out_reports, dataset.name)}", flush=True)
+    if not audits[default].valid:
+        print(f"{'!' * 100}\nTHE DEFAULT PROTOCOL IS INVALID (sampler {default}): {audits[default].verdict}\n"
+              f"{'!' * 100}", flush=True)
 
     if run_cfg.export and trained:
         best = info["best_variant"]
@@ -129,9 +167,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         run = max((r for r in trained if r.variant == best), key=lambda r: r.valid["N@6"])
         assert run.result is not None
         version = run_cfg.version or f"{dataset.name}-{best}-{time.strftime('%Y%m%d-%H%M%S')}"
-        config = {"data": info["data"], "retriever": info["retriever"],
+        config = {"data": info["data"], "lists": info["lists"], "retriever": info["retriever"],
                   "reranker": dataclasses.asdict(dataclasses.replace(train_cfg, variant=best, seed=run.seed))}
-        offline = {"test": run.test, "valid": run.valid, "retriever_heldout_auc": retr_auc}
+        offline = {"test": run.test, "valid": run.valid, "retriever_heldout_auc": retr_auc,
+                   "audit": {"sampler": default, "verdict": audits[default].verdict, "n6": audits[default].n6}}
         path = export.export(run.result.model, dataset, lists, run_cfg.out_models, version, config, offline,
                              overwrite=run_cfg.overwrite)
         manifest_parity = json.loads((path / "manifest.json").read_text())["parity"]
@@ -144,20 +183,19 @@ def cmd_choices(args: argparse.Namespace) -> None:
     dnr = [v for v in VARIANTS if VARIANTS[v].synthetic]
     if args.variant not in dnr:
         raise ValueError(f"--variant {args.variant!r} is not one of the DNR variants {dnr}")
-    data_cfg = from_args(DataConfig, args)
     train_cfg = from_args(TrainConfig, args)
-    dataset = load_dataset(data_cfg)
-    scores = retriever.train_retriever(dataset, from_args(retriever.RetrieverConfig, args, "mf_"))
-    lists = retriever.build_all_lists(dataset, scores, data_cfg.candidates)
+    dataset = load_dataset(from_args(DataConfig, args))
+    retr = retriever.fit_retrievers(dataset, from_args(retriever.RetrieverConfig, args, "mf_"))
+    lists, _ = audited_lists(dataset, retr, from_args(candidates.ListConfig, args))
     rows = evaluate.compare_choices(dataset, lists, args.variant, list(range(args.seeds)), train_cfg,
                                     evaluate.CHOICES, args.progress)
-    path = evaluate.write_choices(args.out_reports, dataset.name, args.variant, rows,
-                                  "python -m training " + shlex.join(sys.argv[1:]))
+    path = report.write_choices(args.out_reports, dataset.name, args.variant, rows,
+                                "python -m training " + shlex.join(sys.argv[1:]))
     print(f"choices: {path}", flush=True)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    print(f"report: {evaluate.write_report(args.out_reports, args.name)}")
+    print(f"report: {report.write_report(args.out_reports, args.name)}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -169,12 +207,14 @@ def parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
     pipe = sub.add_parser("pipeline", help="retriever, variants x seeds, report, export")
     add_config(pipe, DataConfig)
+    add_config(pipe, candidates.ListConfig)
     add_config(pipe, RunConfig)
     add_config(pipe, retriever.RetrieverConfig, "mf_")
     add_config(pipe, TrainConfig, skip=("variant", "seed"))
     pipe.set_defaults(func=cmd_pipeline)
     choices = sub.add_parser("choices", help="compare the choices the paper leaves open, on validation")
     add_config(choices, DataConfig)
+    add_config(choices, candidates.ListConfig)
     add_config(choices, retriever.RetrieverConfig, "mf_")
     add_config(choices, TrainConfig, skip=("variant", "seed"))
     choices.add_argument("--variant", default="dnr-g", help="the DNR variant to train (default: dnr-g)")
@@ -182,10 +222,10 @@ def parser() -> argparse.ArgumentParser:
     choices.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     choices.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     choices.set_defaults(func=cmd_choices)
-    report = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")
-    report.add_argument("--name", default="ml100k", help="dataset name of the run files (default: ml100k)")
-    report.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
-    report.set_defaults(func=cmd_report)
+    redraw = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")
+    redraw.add_argument("--name", default="ml100k", help="dataset name of the run files (default: ml100k)")
+    redraw.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    redraw.set_defaults(func=cmd_report)
     return top
 
 

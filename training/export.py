@@ -29,9 +29,9 @@ import torch
 
 from service.model import FORMAT, ModelError, RerankModel, sha256
 from training import metrics
+from training.candidates import CandidateLists
 from training.data import ITEM_OFFSET, OOV, PAD, Dataset
 from training.model import ModelConfig, Reranker
-from training.retriever import CandidateLists
 from training.train import predict
 
 FEATURES_SCHEMA = 1

@@ -1,8 +1,10 @@
-"""The first stage: a matrix-factorisation retriever and the 50-candidate lists it produces.
+"""The first stage: matrix-factorisation retrievers, fitted so that no list is scored by a model that saw it.
 
-Owns: MF trained with BCE and negative sampling on each user's interactions before the validation slate,
-its held-out AUC, and the candidate lists (slate items + top-scored unseen items, in retriever order).
-Does not know: the reranker, its losses or ONNX.
+Owns: MF trained with BCE and negative sampling; the pre-validation MF (fitted on each user's interactions
+before the validation slate; it scores validation and test lists); the K out-of-fold MFs (fold k is fitted
+on the same interactions minus the training slates assigned to fold k, and scores only those slates'
+lists); the fold assignment; the retriever's held-out AUC.
+Does not know: candidate lists (``candidates.py``), the reranker, its losses or ONNX.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.data import ITEM_OFFSET, PAD, Dataset, Slates, history
+from training.data import ITEM_OFFSET, Dataset
+
+PRE_VALID = -1  # the fold id of lists scored by the pre-validation MF (validation and test lists)
 
 
 @dataclass
@@ -26,6 +30,13 @@ class RetrieverConfig:
     lr: float = field(default=5e-3, metadata={"help": "MF Adam learning rate"})
     weight_decay: float = field(default=1e-6, metadata={"help": "MF Adam weight decay"})
     seed: int = field(default=0, metadata={"help": "MF seed (the candidate lists depend on it)"})
+    folds: int = field(default=5, metadata={
+        "help": "out-of-fold MFs scoring the training lists: fold k's lists are scored by an MF fitted without "
+                "fold k's slates"})
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds {self.folds} must be >= 2 (each training list needs an MF that did not see it)")
 
 
 class MF(nn.Module):
@@ -44,6 +55,19 @@ class MF(nn.Module):
         return (self.user(users) * self.item(items)).sum(-1) + self.bias(items).squeeze(-1)  # logits
 
 
+@dataclass
+class RetrieverScores:
+    """Frozen (U, I) score matrices and which one scores which list.
+
+    Column i scores item index i; padding and OOV columns are 0. ``fold[s]`` is the fold of training slate
+    ``s`` (row ``s`` of ``dataset.splits["train"]``); its list is scored by ``fold_scores[fold[s]]``.
+    """
+
+    pre_valid: np.ndarray  # (U, I) float32: the MF fitted before each user's validation slate
+    fold_scores: list[np.ndarray]  # K x (U, I) float32
+    fold: np.ndarray  # (n_train_slates,) int64 in 0..K-1
+
+
 def seen_before_valid(dataset: Dataset) -> list[np.ndarray]:
     """Per user, the item indices of every interaction before the validation slate."""
     cut = {int(u): int(s) for u, s in zip(dataset.splits["valid"].user, dataset.splits["valid"].start,
@@ -51,20 +75,42 @@ def seen_before_valid(dataset: Dataset) -> list[np.ndarray]:
     return [dataset.seq_items[u][: cut[u]] for u in range(len(dataset.user_ids))]
 
 
-def train_retriever(dataset: Dataset, cfg: RetrieverConfig) -> np.ndarray:
-    """Fit MF on the interactions before each user's validation slate; return the frozen (U, I) scores.
+def assign_folds(dataset: Dataset, folds: int, seed: int = 0) -> np.ndarray:
+    """(n_train_slates,) fold of each training slate, balanced within each user.
 
-    Column i of the result scores item index i; padding and OOV columns are 0.
+    Each user's training slates are shuffled and dealt round-robin from a random starting fold, so every
+    fold holds out about 1/K of every user's training slates (no user loses most of its history in one fold).
     """
+    rng = np.random.default_rng([seed, folds])
+    train = dataset.splits["train"]
+    out = np.zeros(len(train), dtype=np.int64)
+    for u in np.unique(train.user):
+        rows = np.flatnonzero(train.user == u)
+        out[rng.permutation(rows)] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return out
+
+
+def fold_interactions(dataset: Dataset, fold: np.ndarray, k: int) -> list[np.ndarray]:
+    """Per user, the item indices fold ``k``'s MF is fitted on: everything before the validation slate except
+    the items of the training slates assigned to fold ``k``."""
+    keep = [np.ones(len(s), dtype=bool) for s in seen_before_valid(dataset)]
+    train, size = dataset.splits["train"], dataset.slate_size
+    for u, start in zip(train.user[fold == k], train.start[fold == k], strict=True):
+        keep[u][start : start + size] = False
+    return [items[mask] for items, mask in zip(seen_before_valid(dataset), keep, strict=True)]
+
+
+def fit_mf(dataset: Dataset, interactions: list[np.ndarray], cfg: RetrieverConfig, desc: str = "retriever"
+           ) -> np.ndarray:
+    """Fit MF on ``interactions`` (per user, item indices) and return the frozen (U, I) score matrix."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train = seen_before_valid(dataset)
-    users = torch.from_numpy(np.concatenate([np.full(len(s), u) for u, s in enumerate(train)]))
-    items = torch.from_numpy(np.concatenate(train))
+    users = torch.from_numpy(np.concatenate([np.full(len(s), u) for u, s in enumerate(interactions)]))
+    items = torch.from_numpy(np.concatenate(interactions))
     model = MF(len(dataset.user_ids), dataset.n_items, cfg.dim)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_real = len(dataset.item_ids)
-    for _ in tqdm(range(cfg.epochs), desc="retriever", leave=False):
+    for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
         perm = torch.randperm(len(users), generator=gen)
         for start in range(0, len(users), cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
@@ -82,6 +128,20 @@ def train_retriever(dataset: Dataset, cfg: RetrieverConfig) -> np.ndarray:
         scores = torch.sigmoid(logits).numpy().astype(np.float32)
     scores[:, :ITEM_OFFSET] = 0.0
     return scores
+
+
+def train_retriever(dataset: Dataset, cfg: RetrieverConfig) -> np.ndarray:
+    """The pre-validation MF: fitted on the interactions before each user's validation slate."""
+    return fit_mf(dataset, seen_before_valid(dataset), cfg)
+
+
+def fit_retrievers(dataset: Dataset, cfg: RetrieverConfig) -> RetrieverScores:
+    """The pre-validation MF and the ``cfg.folds`` out-of-fold MFs (K + 1 fits, same settings and seed)."""
+    fold = assign_folds(dataset, cfg.folds, cfg.seed)
+    pre_valid = train_retriever(dataset, cfg)
+    fold_scores = [fit_mf(dataset, fold_interactions(dataset, fold, k), cfg, f"retriever fold {k}")
+                   for k in range(cfg.folds)]
+    return RetrieverScores(pre_valid, fold_scores, fold)
 
 
 def heldout_auc(dataset: Dataset, scores: np.ndarray) -> float:
@@ -103,63 +163,3 @@ def heldout_auc(dataset: Dataset, scores: np.ndarray) -> float:
             ties = np.searchsorted(neg_scores, scores[u, pos], side="right") - below
             aucs.append(float(((below + 0.5 * ties) / len(neg_scores)).mean()))
     return float(np.mean(aucs))
-
-
-@dataclass
-class CandidateLists:
-    """Fixed-length candidate lists in retriever order, ready for the reranker.
-
-    Position p of a list is the p-th best retriever score; the slate items sit wherever their scores put
-    them, never first by construction.
-    """
-
-    user: np.ndarray  # (N,) int64 user index
-    items: np.ndarray  # (N, L) int64 item indices
-    scores: np.ndarray  # (N, L) float32 retriever scores in [0, 1], non-increasing along L
-    labels: np.ndarray  # (N, L) float32 z for slate items, 0 for the others
-    mask: np.ndarray  # (N, L) bool, False on padding
-    history: np.ndarray  # (N, H) int64 items before the slate, most recent last, PAD-left-padded
-    profile: np.ndarray  # (N, F) int64 user profile tokens
-
-    def __len__(self) -> int:
-        return len(self.user)
-
-    def subset(self, rows: np.ndarray | slice) -> CandidateLists:
-        return CandidateLists(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
-
-
-def build_lists(dataset: Dataset, scores: np.ndarray, slates: Slates, n_candidates: int = 50) -> CandidateLists:
-    """For each slate: its items plus the (n_candidates - slate_size) best-scored items the user never
-    interacted with, sorted by descending retriever score (ties by item index)."""
-    k = dataset.slate_size
-    n_neg = n_candidates - k
-    n = len(slates)
-    items = np.zeros((n, n_candidates), dtype=np.int64)
-    labels = np.zeros((n, n_candidates), dtype=np.float32)
-    negatives: dict[int, np.ndarray] = {}
-    for row, (u, start) in enumerate(zip(slates.user, slates.start, strict=True)):
-        if u not in negatives:
-            masked = scores[u].copy()
-            masked[:ITEM_OFFSET] = -np.inf
-            masked[dataset.seq_items[u]] = -np.inf
-            order = np.lexsort((np.arange(len(masked)), -masked))
-            negatives[u] = order[:n_neg]
-        items[row, :k] = dataset.seq_items[u][start : start + k]
-        labels[row, :k] = dataset.seq_z[u][start : start + k]
-        items[row, k:] = negatives[u]
-    row_scores = np.take_along_axis(scores[slates.user], items, axis=1)
-    order = np.lexsort((items, -row_scores), axis=1)
-    items = np.take_along_axis(items, order, axis=1)
-    return CandidateLists(
-        user=slates.user.copy(),
-        items=items,
-        scores=np.take_along_axis(row_scores, order, axis=1).astype(np.float32),
-        labels=np.take_along_axis(labels, order, axis=1),
-        mask=items != PAD,
-        history=history(dataset, slates),
-        profile=dataset.profile()[slates.user],
-    )
-
-
-def build_all_lists(dataset: Dataset, scores: np.ndarray, n_candidates: int = 50) -> dict[str, CandidateLists]:
-    return {split: build_lists(dataset, scores, slates, n_candidates) for split, slates in dataset.splits.items()}

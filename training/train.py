@@ -18,9 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from training import generator, metrics
+from training.candidates import CandidateLists
 from training.data import Dataset
 from training.model import PATHWAYS, ModelConfig, Reranker
-from training.retriever import CandidateLists
 
 
 @dataclass(frozen=True)
