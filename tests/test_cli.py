@@ -56,6 +56,10 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     for sampler in ("uniform", "retrieved"):
         assert {r["variant"] for r in regimes if r["sampler"] == sampler} == {"retriever", "prm", pathway, "dnr-b"}
         assert f"| {sampler} | dnr-b | prm |" in report and f"| {sampler} | dnr-b | {pathway} |" in report
+        assert f"| {sampler} | prm | retriever |" in report
+    # Every learned variant against the order it is handed, each seed paired with the one retriever run.
+    assert "| prm | retriever |" in report and "| dnr-b | retriever | " in report
+    assert re.search(r"\| g \| retriever \| [+-]\d+\.\d\d \| \d/2 \|", report)
     for plot in ("ratings_valid_n6.png", "ratings_scores.png"):
         assert (reports / plot).read_bytes()[:4] == b"\x89PNG"
     with open(reports / "ratings_scores.csv") as f:

@@ -71,8 +71,13 @@ def _table(rows: list[dict[str, object]], paper: bool = False, bar: tuple[str, f
 def significance(runs: list[dict[str, str]], per_list: list[dict[str, str]], variant: str, against: str
                  ) -> dict[str, float]:
     """Test N@6 of ``variant`` minus ``against``: paired t-test over seeds (same seed, both variants) and a
-    Wilcoxon signed-rank test over test lists (each list's N@6 averaged over seeds); two-sided p-values."""
+    Wilcoxon signed-rank test over test lists (each list's N@6 averaged over seeds); two-sided p-values.
+
+    Against the retriever order (one deterministic run) every seed of ``variant`` is paired with that run, so
+    the t-test is a one-sample test of the seeds' differences."""
     a, b = _values(runs, variant, "test", "N@6"), _values(runs, against, "test", "N@6")
+    if against == RETRIEVER and len(b) == 1:
+        b = dict.fromkeys(a, next(iter(b.values())))
     seeds = sorted(set(a) & set(b))
     x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
     t_p = float(stats.ttest_rel(x, y).pvalue) if len(seeds) > 1 and np.any(x != y) else float("nan")
@@ -258,16 +263,17 @@ def _regimes_section(regimes: list[dict[str, str]], regime_lists: list[dict[str,
               "the main table's runs.", ""]
     dnr = [v for v in variants if v in VARIANTS and VARIANTS[v].synthetic]
     bases = [v for v in variants if v in BASELINES]
+    pairs = [(v, RETRIEVER) for v in variants if v != RETRIEVER and RETRIEVER in variants]
+    pairs += [(v, against) for v in dnr for against in bases]
     lines += ["| sampler | variant | vs | Δ test N@6 | seeds won | paired t-test p | lists won / lost | "
               "Wilcoxon p (lists) |", "|---|---|---|---|---|---|---|---|"]
     for sampler in samplers:
         runs = [r for r in regimes if r["sampler"] == sampler]
         per_list = [r for r in regime_lists if r["sampler"] == sampler]
-        for v in dnr:
-            for against in bases:
-                s = significance(runs, per_list, v, against)
-                lines.append(f"| {sampler} | {v} | {against} | {s['diff']:+.2f} | {s['wins']}/{s['seeds']} | "
-                             f"{s['t_p']:.3g} | {s['list_wins']} / {s['list_losses']} | {s['wilcoxon_p']:.3g} |")
+        for v, against in pairs:
+            s = significance(runs, per_list, v, against)
+            lines.append(f"| {sampler} | {v} | {against} | {s['diff']:+.2f} | {s['wins']}/{s['seeds']} | "
+                         f"{s['t_p']:.3g} | {s['list_wins']} / {s['list_losses']} | {s['wilcoxon_p']:.3g} |")
     return lines
 
 
@@ -315,11 +321,13 @@ def write_report(out_dir: Path, name: str) -> Path:
     challengers = [v for v in variants if v in VARIANTS and VARIANTS[v].synthetic]
     sig = ["| variant | vs | Δ test N@6 (mean over seeds) | seeds won | paired t-test p | lists won / lost | "
            "Wilcoxon p (lists) |", "|---|---|---|---|---|---|---|"]
-    for against in dict.fromkeys(b for b in (best_base, "prm-concat") if b in valid_n6):
-        for v in challengers:
-            s = significance(runs, per_list, v, against)
-            sig.append(f"| {v} | {against} | {s['diff']:+.2f} | {s['wins']}/{s['seeds']} | {s['t_p']:.3g} | "
-                       f"{s['list_wins']} / {s['list_losses']} | {s['wilcoxon_p']:.3g} |")
+    pairs = [(v, RETRIEVER) for v in valid_n6 if RETRIEVER in variants]
+    pairs += [(v, against) for against in dict.fromkeys(b for b in (best_base, "prm-concat") if b in valid_n6)
+              for v in challengers]
+    for v, against in pairs:
+        s = significance(runs, per_list, v, against)
+        sig.append(f"| {v} | {against} | {s['diff']:+.2f} | {s['wins']}/{s['seeds']} | {s['t_p']:.3g} | "
+                   f"{s['list_wins']} / {s['list_losses']} | {s['wilcoxon_p']:.3g} |")
 
     curve_variants = [v for v in variants if v in ("prm", "prm-concat", best_base) or
                       (v in VARIANTS and VARIANTS[v].generator)]
