@@ -22,7 +22,7 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
                  "--patience", "1", "--hidden", "16", "--batch-size", "64",
                  "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2", "--sampler", "uniform",
                  "--regime-samplers", "uniform,retrieved", "--regime-seeds", "1",
-                 "--out-reports", str(tmp_path / "reports"),
+                 "--run-cache", "", "--out-reports", str(tmp_path / "reports"),
                  "--out-models", str(tmp_path / "models"), "--version", "cli-v1", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_bad_file_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_unknown_variant_exits_2(synthetic_files: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str],
                                  tmp_path: Path) -> None:
     code = main(["pipeline", "--dataset", "table", "--path", str(synthetic_files[0]), "--core", "10",
-                 "--variants", "prm-magic", "--mf-epochs", "1", "--out-reports", str(tmp_path)])
+                 "--variants", "prm-magic", "--mf-epochs", "1", "--run-cache", "", "--out-reports", str(tmp_path)])
     assert code == 2
     assert "unknown variant(s) ['prm-magic']" in capsys.readouterr().err
 

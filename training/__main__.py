@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from training import audit, candidates, data, evaluate, export, report, retriever
+from training import audit, candidates, data, evaluate, export, report, retriever, runner
 from training.train import VARIANTS, TrainConfig
 
 T = TypeVar("T")
@@ -57,6 +57,11 @@ class RunConfig:
         "help": "samplers of the regimes table (retriever, prm, best pathway, dnr-g, dnr-b under each); "
                 "empty: none"})
     regime_seeds: int = field(default=3, metadata={"help": "seeds per variant in the regimes table (0 .. n-1)"})
+    jobs: int = field(default=0, metadata={
+        "help": "training processes at once, each with --threads torch threads (0: one per --threads cores)"})
+    run_cache: str = field(default="build/runs", metadata={
+        "help": "folder of finished runs: a rerun with the same configs and training code reuses them, so an "
+                "interrupted pipeline resumes; empty: no cache"})
 
 
 def add_config(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = "", skip: tuple[str, ...] = ()) -> None:
@@ -132,15 +137,20 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         lists_of[sampler], audits[sampler] = audited_lists(dataset, retr, cfg)
     lists = lists_of[default]
 
-    runs = evaluate.run_variants(dataset, lists, variants, list(range(run_cfg.seeds)), train_cfg, run_cfg.progress)
-    key = evaluate.regime_variants(runs)
-    regimes = {default: [r for r in runs if r.variant in key]}
-    for sampler in regime_samplers:
-        if sampler != default:
-            if run_cfg.progress:
-                print(f"regime {sampler}: {', '.join(key)}", flush=True)
-            regimes[sampler] = evaluate.run_variants(dataset, lists_of[sampler], key,
-                                                     list(range(run_cfg.regime_seeds)), train_cfg, run_cfg.progress)
+    jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
+    context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
+               "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
+    cache = runner.RunCache(Path(run_cfg.run_cache) / dataset.name, context) if run_cfg.run_cache else None
+    with runner.Runner(dataset, lists_of, jobs, cache, run_cfg.progress) as pool:
+        runs = evaluate.run_variants(pool, default, variants, list(range(run_cfg.seeds)), train_cfg)
+        key = evaluate.regime_variants(runs)
+        regimes = {default: [r for r in runs if r.variant in key]}
+        for sampler in regime_samplers:
+            if sampler != default:
+                if run_cfg.progress:
+                    print(f"regime {sampler}: {', '.join(key)}", flush=True)
+                regimes[sampler] = evaluate.run_variants(pool, sampler, key, list(range(run_cfg.regime_seeds)),
+                                                         train_cfg)
     info: dict[str, Any] = {
         "command": "python -m training " + shlex.join(sys.argv[1:]),
         "retriever_heldout_auc": retr_auc,
@@ -148,6 +158,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "lists": dataclasses.asdict(list_cfg),
         "retriever": dataclasses.asdict(retr_cfg),
         "reranker": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in {"variant", "seed"}},
+        "jobs": jobs,
     }
     trained = [r for r in runs if r.result is not None]
     if trained:
@@ -186,9 +197,12 @@ def cmd_choices(args: argparse.Namespace) -> None:
     train_cfg = from_args(TrainConfig, args)
     dataset = load_dataset(from_args(DataConfig, args))
     retr = retriever.fit_retrievers(dataset, from_args(retriever.RetrieverConfig, args, "mf_"))
-    lists, _ = audited_lists(dataset, retr, from_args(candidates.ListConfig, args))
-    rows = evaluate.compare_choices(dataset, lists, args.variant, list(range(args.seeds)), train_cfg,
-                                    evaluate.CHOICES, args.progress)
+    list_cfg = from_args(candidates.ListConfig, args)
+    lists, _ = audited_lists(dataset, retr, list_cfg)
+    jobs = args.jobs or runner.default_jobs(train_cfg.threads)
+    with runner.Runner(dataset, {list_cfg.sampler: lists}, jobs, progress=args.progress) as pool:
+        rows = evaluate.compare_choices(pool, list_cfg.sampler, args.variant, list(range(args.seeds)), train_cfg,
+                                        evaluate.CHOICES)
     path = report.write_choices(args.out_reports, dataset.name, args.variant, rows,
                                 "python -m training " + shlex.join(sys.argv[1:]))
     print(f"choices: {path}", flush=True)
@@ -220,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
     choices.add_argument("--variant", default="dnr-g", help="the DNR variant to train (default: dnr-g)")
     choices.add_argument("--seeds", type=int, default=1, help="seeds per choice (default: 1)")
     choices.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    choices.add_argument("--jobs", type=int, default=0,
+                         help="training processes at once (default 0: one per --threads cores)")
     choices.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     choices.set_defaults(func=cmd_choices)
     redraw = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")

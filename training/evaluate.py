@@ -1,10 +1,11 @@
 """Train and evaluate named variants over seeds, under each candidate-list regime; save every figure.
 
-Owns: the variant x seed loop; which variants the regimes table runs; the run files the report reads:
-``reports/<dataset>_{runs,epochs,lists,scores}.csv``, ``_audit.json`` (the leakage audit of every sampler),
-``_regimes.csv`` and ``_regime_lists.csv`` (the key variants under each sampler) and ``_info.json``.
-Does not know: how a variant trains (``train.py``), how lists are built (``candidates.py``), how the report
-reads (``report.py``) or exports.
+Owns: which runs a pipeline asks for (variants x seeds, and which variants the regimes table runs); the run
+files the report reads: ``reports/<dataset>_{runs,epochs,lists,scores}.csv``, ``_audit.json`` (the leakage
+audit of every sampler), ``_regimes.csv`` and ``_regime_lists.csv`` (the key variants under each sampler) and
+``_info.json``.
+Does not know: how a variant trains (``train.py``), where runs execute and are cached (``runner.py``), how
+lists are built (``candidates.py``), how the report reads (``report.py``) or exports.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from training import metrics
 from training.audit import Audit
 from training.candidates import CandidateLists
 from training.data import Dataset, stats_table
-from training.train import VARIANTS, TrainConfig, TrainResult, predict, train
+from training.runner import Runner
+from training.train import VARIANTS, TrainConfig, TrainResult
 
 RETRIEVER = "retriever"  # the retriever's own order, no reranking
 BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight")
@@ -53,30 +55,26 @@ def check_variants(variants: list[str]) -> None:
         raise ValueError(f"unknown variant(s) {unknown}; expected {RETRIEVER} or one of {sorted(VARIANTS)}")
 
 
-def run_variants(dataset: Dataset, lists: dict[str, CandidateLists], variants: list[str], seeds: list[int],
-                 base: TrainConfig, progress: bool = True) -> list[Run]:
-    """Every variant at every seed; ``retriever`` is deterministic given the lists, so it runs once."""
-    check_variants(variants)
+def retriever_run(lists: dict[str, CandidateLists]) -> Run:
+    """The retriever's own order, deterministic given the lists."""
     test, valid = lists["test"], lists["valid"]
+    return Run(RETRIEVER, 0, metrics.evaluate(test.scores, test.labels, test.mask),
+               metrics.evaluate(valid.scores, valid.labels, valid.mask),
+               test_n6=metrics.ndcg_at_k(test.scores, test.labels, mask=test.mask))
+
+
+def run_variants(runner: Runner, sampler: str, variants: list[str], seeds: list[int], base: TrainConfig
+                 ) -> list[Run]:
+    """Every variant at every seed on ``sampler``'s lists; ``retriever`` is deterministic, so it runs once."""
+    check_variants(variants)
+    cfgs = [dataclasses.replace(base, variant=v, seed=s) for v in variants if v != RETRIEVER for s in seeds]
+    trained = iter(runner.run(sampler, cfgs))
     runs: list[Run] = []
     for variant in variants:
         if variant == RETRIEVER:
-            runs.append(Run(variant, 0, metrics.evaluate(test.scores, test.labels, test.mask),
-                            metrics.evaluate(valid.scores, valid.labels, valid.mask),
-                            test_n6=metrics.ndcg_at_k(test.scores, test.labels, mask=test.mask)))
-            continue
-        for seed in seeds:
-            t0 = time.perf_counter()
-            result = train(dataset, lists, dataclasses.replace(base, variant=variant, seed=seed), progress)
-            test_scores = predict(result.model, test)
-            test_metrics = metrics.evaluate(test_scores, test.labels, test.mask)
-            runs.append(Run(variant, seed, test_metrics, result.best_valid, result.best_epoch,
-                            result.seconds_per_epoch, time.perf_counter() - t0, result,
-                            metrics.ndcg_at_k(test_scores, test.labels, mask=test.mask)))
-            if progress:
-                print(f"  {variant:<12} seed {seed}: test N@6 {test_metrics['N@6']:.2f}, valid N@6 "
-                      f"{result.best_valid['N@6']:.2f} (epoch {result.best_epoch}), "
-                      f"{result.seconds_per_epoch:.1f} s/epoch", flush=True)
+            runs.append(retriever_run(runner.lists_of[sampler]))
+        else:
+            runs.extend(next(trained) for _ in seeds)
     return runs
 
 
@@ -184,7 +182,7 @@ def save_runs(out_dir: Path, dataset: Dataset, lists: dict[str, CandidateLists],
             writer.writerows([source, round(lo, 4), round(hi, 4), round(float(d), 5)]
                              for lo, hi, d in zip(edges[:-1], edges[1:], density, strict=True))
     info = {**info, "stats_table": stats_table(dataset), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "torch": torch.__version__}
     (out_dir / f"{name}_info.json").write_text(json.dumps(info, indent=1, default=str))
 
 
@@ -205,14 +203,16 @@ CHOICES: dict[str, dict[str, Any]] = {
 }
 
 
-def compare_choices(dataset: Dataset, lists: dict[str, CandidateLists], variant: str, seeds: list[int],
-                    base: TrainConfig, choices: dict[str, dict[str, Any]], progress: bool = True
-                    ) -> list[dict[str, Any]]:
+def compare_choices(runner: Runner, sampler: str, variant: str, seeds: list[int], base: TrainConfig,
+                    choices: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Train ``variant`` under each choice and seed; rows of mean validation (and, for reference, test) N@6."""
+    cfgs = [dataclasses.replace(base, **overrides, variant=variant, seed=seed)
+            for overrides in choices.values() for seed in seeds]
+    runs = iter(runner.run(sampler, cfgs))  # every choice at once, so a pool keeps all its workers busy
     rows = []
     for name, overrides in choices.items():
-        runs = run_variants(dataset, lists, [variant], seeds, dataclasses.replace(base, **overrides), progress)
-        rows.append({"choice": name, "overrides": overrides, "seeds": len(runs),
-                     "valid_N@6": float(np.mean([r.valid["N@6"] for r in runs])),
-                     "test_N@6": float(np.mean([r.test["N@6"] for r in runs]))})
+        done = [next(runs) for _ in seeds]
+        rows.append({"choice": name, "overrides": overrides, "seeds": len(done),
+                     "valid_N@6": float(np.mean([r.valid["N@6"] for r in done])),
+                     "test_N@6": float(np.mean([r.test["N@6"] for r in done]))})
     return rows

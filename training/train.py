@@ -59,7 +59,7 @@ class TrainConfig:
     variant: str = field(default="prm", metadata={"help": f"reranker variant: {', '.join(VARIANTS)}"})
     # 10 epochs at lr 1e-2 (patience 3): on ML-100K prm-weight's validation N@6 reached 50.5 by epoch 10, where
     # lr 2e-3 had reached 42.8 after 30 (README, deviations); the short schedule is what makes 12 variants x
-    # 5 seeds fit on two CPU cores.
+    # 5 seeds fit on two CPU cores. Measured on the first, leaky candidate lists: open to revision on the new ones.
     epochs: int = field(default=10, metadata={"help": "maximum training epochs"})
     patience: int = field(default=3, metadata={"help": "epochs without a better validation N@6 before stopping"})
     batch_size: int = field(default=512, metadata={"help": "lists per batch (paper: 2048 on ML-1M)"})
@@ -75,7 +75,7 @@ class TrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     # DNR (variants g, b, dnr-*). Paper values are for ML-1M; see reports/ml100k.md for what we chose here.
     # weight, not concat: on ML-100K seed 0 (lr 1e-2, 10 epochs) dnr-g reached validation N@6 45.5 on the weight
-    # pathway and 29.0 on concat, and weight is the best baseline pathway here too.
+    # pathway and 29.0 on concat, on the first, leaky candidate lists (reports/ml100k.md measures the new ones).
     dnr_pathway: str = field(default="weight", metadata={"help": "score pathway of the g, b and dnr-* variants"})
     lambda_c: float = field(default=0.4, metadata={"help": "x' = (1 - lambda_c) z + lambda_c eps (paper: 0.4)"})
     lambda_m: float = field(default=0.4, metadata={"help": "weight of L_z, the BCE on synthetic scores (paper: 0.4)"})

@@ -1,0 +1,165 @@
+"""Where the runs of a pipeline execute: on ``jobs`` worker processes, each finished run kept on disk.
+
+Owns: the process pool (spawned workers, each holding the dataset and every sampler's lists once), the run
+cache (one file per finished run, keyed by everything that decides its result, so an interrupted pipeline
+resumes where it stopped and a changed config or changed training code never reuses a stale run).
+Does not know: how a variant trains (``train.py``), which runs a pipeline wants (``evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from training import metrics
+from training.candidates import CandidateLists
+from training.data import Dataset
+from training.train import TrainConfig, predict, train
+
+if TYPE_CHECKING:
+    from training.evaluate import Run
+
+# The modules whose code decides a run's figures; a change to any of them invalidates every cached run.
+RESULT_MODULES = ("data", "retriever", "candidates", "model", "generator", "train", "metrics")
+
+
+def code_hash() -> str:
+    root = Path(__file__).parent
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in RESULT_MODULES:
+        digest.update((root / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def default_jobs(threads: int) -> int:
+    """One worker per ``threads`` cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, threads))
+
+
+@dataclass(frozen=True)
+class RunCache:
+    """Finished runs on disk, one ``<key>.pt`` each. ``context`` holds every config the runs share (data,
+    lists but the sampler, retriever); the key adds the sampler, the full TrainConfig and ``code_hash()``."""
+
+    folder: Path
+    context: dict[str, Any]
+
+    def path(self, sampler: str, cfg: TrainConfig) -> Path:
+        doc = {"code": code_hash(), "context": self.context, "sampler": sampler, "train": dataclasses.asdict(cfg)}
+        key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return self.folder / f"{cfg.variant}-seed{cfg.seed}-{sampler}-{key}.pt"
+
+    def load(self, sampler: str, cfg: TrainConfig) -> Run | None:
+        path = self.path(sampler, cfg)
+        if not path.exists():
+            return None
+        try:
+            run: Run = torch.load(path, weights_only=False)
+        except Exception:  # a file cut short by a kill: train again
+            return None
+        return run
+
+    def save(self, sampler: str, cfg: TrainConfig, run: Run) -> None:
+        path = self.path(sampler, cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(run, tmp)
+        tmp.replace(path)  # never a half-written run under the final name
+
+
+def train_run(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, progress: bool) -> Run:
+    """Train one variant at one seed and score it on the test lists."""
+    from training.evaluate import Run
+
+    t0 = time.perf_counter()
+    result = train(dataset, lists, cfg, progress)
+    test = lists["test"]
+    test_scores = predict(result.model, test)
+    return Run(cfg.variant, cfg.seed, metrics.evaluate(test_scores, test.labels, test.mask), result.best_valid,
+               result.best_epoch, result.seconds_per_epoch, time.perf_counter() - t0, result,
+               metrics.ndcg_at_k(test_scores, test.labels, mask=test.mask))
+
+
+# A worker's copy of the data, set once by the pool's initializer (sent once per worker, not once per run).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(dataset: Dataset, lists_of: dict[str, dict[str, CandidateLists]]) -> None:
+    _WORKER["dataset"], _WORKER["lists_of"] = dataset, lists_of
+
+
+def _worker_run(sampler: str, cfg: TrainConfig) -> Run:
+    return train_run(_WORKER["dataset"], _WORKER["lists_of"][sampler], cfg, progress=False)
+
+
+class Runner:
+    """Runs (sampler, TrainConfig) jobs: from the cache when there, else in this process (``jobs`` 1) or on a
+    pool of ``jobs`` spawned workers. Results come back in the order asked, whatever order they finish in."""
+
+    def __init__(self, dataset: Dataset, lists_of: dict[str, dict[str, CandidateLists]], jobs: int = 1,
+                 cache: RunCache | None = None, progress: bool = True) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs {jobs} must be >= 1")
+        self.dataset, self.lists_of, self.jobs, self.cache, self.progress = dataset, lists_of, jobs, cache, progress
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: a forked child of a process whose OpenMP pool has run can hang.
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.dataset, self.lists_of))
+        return self._pool
+
+    def run(self, sampler: str, cfgs: list[TrainConfig]) -> list[Run]:
+        done: dict[int, Run] = {}
+        todo: list[int] = []
+        for i, cfg in enumerate(cfgs):
+            cached = self.cache.load(sampler, cfg) if self.cache is not None else None
+            if cached is not None:
+                done[i] = cached
+                self._report(sampler, cached, "cached")
+            else:
+                todo.append(i)
+        for i, run in self._train(sampler, [(i, cfgs[i]) for i in todo]):
+            if self.cache is not None:
+                self.cache.save(sampler, cfgs[i], run)
+            done[i] = run
+            self._report(sampler, run, "")
+        return [done[i] for i in range(len(cfgs))]
+
+    def _train(self, sampler: str, jobs: list[tuple[int, TrainConfig]]) -> Iterator[tuple[int, Run]]:
+        if self.jobs == 1 or len(jobs) <= 1:
+            for i, cfg in jobs:
+                yield i, train_run(self.dataset, self.lists_of[sampler], cfg, self.progress)
+            return
+        futures: dict[Future[Run], int] = {self.pool().submit(_worker_run, sampler, cfg): i for i, cfg in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+    def _report(self, sampler: str, run: Run, note: str) -> None:
+        if not self.progress:
+            return
+        where = f" [{sampler}]" if len(self.lists_of) > 1 else ""
+        print(f"  {run.variant:<12} seed {run.seed}{where}: test N@6 {run.test['N@6']:.2f}, valid N@6 "
+              f"{run.valid['N@6']:.2f} (epoch {run.best_epoch}), {run.seconds_per_epoch:.1f} s/epoch"
+              f"{' (' + note + ')' if note else ''}", flush=True)
