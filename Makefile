@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
 DEFAULT_VARIANT ?= dnr-b-no-x
+# Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
+JOBS ?= $(shell nproc)
 
 .PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest lock faults clean
 
@@ -57,13 +59,12 @@ serve: $(STAMP)
 # the best variant on validation in models/. Runs train JOBS at a time with one torch thread each (on 2 cores
 # 1.33x the runs per hour of one run on 2 threads; ~2.7 h); each finished run is kept in build/runs, so an
 # interrupted pipeline resumes where it stopped (delete build/runs to train everything again).
-JOBS ?= $(shell nproc)
 pipeline: $(STAMP)
 	$(PY) -m training pipeline --jobs $(JOBS) --threads 1
 
-# The knobs the paper leaves open, one at a time, for dnr-g on validation: reports/ml100k_choices.md (~15 min).
+# The knobs the paper leaves open, one at a time, for dnr-g on validation: reports/ml100k_choices.md (~25 min).
 dnr-choices: $(STAMP)
-	$(PY) -m training choices --variant dnr-g --seeds 1
+	$(PY) -m training choices --variant dnr-g --seeds 1 --jobs $(JOBS) --threads 1
 
 # Service vs HTTP ceiling vs model alone vs a naive torch server: reports/benchmark.{md,json,png} (~3 min).
 bench: $(STAMP) redis

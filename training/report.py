@@ -142,7 +142,7 @@ DEVIATIONS = [
     "clipped to [0, 1].",
     "**Score pathway of g, b and dnr-\\***: weight (`--dnr-pathway`), chosen on the first (leaky) protocol and "
     "kept so that this report changes the measurement only; `make dnr-choices` compares the open choices on "
-    "validation.",
+    "validation (not rerun on these lists yet: its last figures came from the leaky lists and were removed).",
     "**Epoch time.** Every reranker step runs the reranker twice (real scores for L_direct, x' for L_z), so the "
     "heuristic variants cost about 2x PRM by construction, and the generator step (a reranker forward and "
     "backward to x', every `gen_every` = 2 steps) adds more. Nothing here shares the two passes.",
@@ -404,6 +404,9 @@ def write_report(out_dir: Path, name: str) -> Path:
         "",
         "## Seconds per epoch (training only, validation excluded; median over every epoch of every seed)",
         "",
+        *([f"{info['jobs']} runs trained at once, each sharing the machine with the others: compare the ratios "
+           "to PRM, not the seconds, with a run that had the machine to itself.", ""]
+          if info.get("jobs", 1) > 1 else []),
         *_epoch_times(epochs, lambda_e),
         "",
         "## The paper's claims as targets",
