@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,13 +51,15 @@ def default_jobs(threads: int) -> int:
 @dataclass(frozen=True)
 class RunCache:
     """Finished runs on disk, one ``<key>.pt`` each. ``context`` holds every config the runs share (data,
-    lists but the sampler, retriever); the key adds the sampler, the full TrainConfig and ``code_hash()``."""
+    lists but the sampler, retriever); the key adds the sampler, the full TrainConfig and ``code``, the hash of
+    the training code taken when the cache opens (what this process runs, whatever is edited on disk later)."""
 
     folder: Path
     context: dict[str, Any]
+    code: str = field(default_factory=lambda: code_hash())
 
     def path(self, sampler: str, cfg: TrainConfig) -> Path:
-        doc = {"code": code_hash(), "context": self.context, "sampler": sampler, "train": dataclasses.asdict(cfg)}
+        doc = {"code": self.code, "context": self.context, "sampler": sampler, "train": dataclasses.asdict(cfg)}
         key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
         return self.folder / f"{cfg.variant}-seed{cfg.seed}-{sampler}-{key}.pt"
 
