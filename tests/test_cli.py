@@ -84,6 +84,31 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     assert "missing_runs.csv" in capsys.readouterr().err
 
 
+def test_an_interrupted_pipeline_resumes_from_the_run_cache(tmp_path: Path,
+                                                           synthetic_files: tuple[Path, Path, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["pipeline", "--dataset", "table", "--path", str(synthetic_files[0]), "--core", "10", "--history-len",
+            "6", "--candidates", "20", "--variants", "retriever,prm", "--seeds", "2", "--epochs", "1",
+            "--hidden", "16", "--batch-size", "64", "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2",
+            "--regime-samplers", "", "--run-cache", str(tmp_path / "runs"), "--out-reports",
+            str(tmp_path / "reports"), "--no-export", "--no-progress"]
+    assert main(args) == 0
+    def figures() -> list[tuple[str, ...]]:  # every metric of every run, without its timings
+        with open(tmp_path / "reports" / "ratings_runs.csv") as f:
+            return [(r["variant"], r["seed"], r["split"], r["metric"], r["value"]) for r in csv.DictReader(f)]
+
+    runs = figures()
+    assert len(list((tmp_path / "runs").rglob("*.pt"))) == 2
+    next(iter((tmp_path / "runs").rglob("prm-seed1-*.pt"))).unlink()  # as if killed during seed 1
+    capsys.readouterr()
+    assert main([*args, "--progress"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: test N@6" in out and "(cached)" in out and out.count("(cached)") == 1
+    assert figures() == runs  # the same figures, one run read back and one trained again
+    report = (tmp_path / "reports" / "ratings.md").read_text()
+    assert "training 1 runs and reusing 1 from the run cache" in report
+
+
 def test_bad_file_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "ratings.csv"
     bad.write_text("user,item\n1,2\n")

@@ -47,8 +47,9 @@ def test_the_cache_resumes_finished_runs_and_only_identical_ones(tiny: Tiny, tmp
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runner, "train_run", counting)
-    again = runner.Runner(tiny.dataset, lists_of, cache=cache, progress=False).run("uniform", [CFG])
-    assert calls == [] and figures(again) == figures(first)
+    resumed = runner.Runner(tiny.dataset, lists_of, cache=cache, progress=False)
+    again = resumed.run("uniform", [CFG])
+    assert calls == [] and figures(again) == figures(first) and (resumed.cached, resumed.trained) == (1, 0)
 
     # Another config, sampler, shared context or training code is another key.
     other = dataclasses.replace(CFG, lambda_c=0.3)

@@ -151,6 +151,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                     print(f"regime {sampler}: {', '.join(key)}", flush=True)
                 regimes[sampler] = evaluate.run_variants(pool, sampler, key, list(range(run_cfg.regime_seeds)),
                                                          train_cfg)
+    runs_cached, runs_trained = pool.cached, pool.trained
     info: dict[str, Any] = {
         "command": "python -m training " + shlex.join(sys.argv[1:]),
         "retriever_heldout_auc": retr_auc,
@@ -159,6 +160,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "retriever": dataclasses.asdict(retr_cfg),
         "reranker": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in {"variant", "seed"}},
         "jobs": jobs,
+        "runs_trained": runs_trained,
+        "runs_cached": runs_cached,
     }
     trained = [r for r in runs if r.result is not None]
     if trained:

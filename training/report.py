@@ -357,7 +357,10 @@ def write_report(out_dir: Path, name: str) -> Path:
         f"(redraw from the saved runs: `python -m training report --name {name}`); do not edit by hand. "
         f"{info.get('jobs', 1)} training process(es) at once with {info.get('reranker', {}).get('threads', '?')} "
         f"torch thread(s) each, torch {info.get('torch', '?')}, CPU only"
-        + (f"; the pipeline ran {wall / 60:.1f} minutes to this report." if wall else "."),
+        + (f"; the pipeline ran {wall / 60:.1f} minutes to this report" if wall else "")
+        + (f", training {info['runs_trained']} runs and reusing {info['runs_cached']} from the run cache (trained "
+           "by an earlier invocation that was interrupted; their minutes are not in that figure)."
+           if info.get("runs_cached") else "."),
         "",
         *banner,
         "## Leakage audit",

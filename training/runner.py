@@ -116,6 +116,8 @@ class Runner:
             raise ValueError(f"jobs {jobs} must be >= 1")
         self.dataset, self.lists_of, self.jobs, self.cache, self.progress = dataset, lists_of, jobs, cache, progress
         self._pool: ProcessPoolExecutor | None = None
+        self.cached = 0  # runs read from the cache (trained by an earlier invocation)
+        self.trained = 0  # runs trained by this one
 
     def __enter__(self) -> Runner:
         return self
@@ -139,6 +141,7 @@ class Runner:
             cached = self.cache.load(sampler, cfg) if self.cache is not None else None
             if cached is not None:
                 done[i] = cached
+                self.cached += 1
                 self._report(sampler, cached, "cached")
             else:
                 todo.append(i)
@@ -146,6 +149,7 @@ class Runner:
             if self.cache is not None:
                 self.cache.save(sampler, cfgs[i], run)
             done[i] = run
+            self.trained += 1
             self._report(sampler, run, "")
         return [done[i] for i in range(len(cfgs))]
 
