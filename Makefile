@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
-DEFAULT_VARIANT ?= dnr-b-no-x
+DEFAULT_VARIANT ?= prm
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
