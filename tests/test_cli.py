@@ -93,6 +93,7 @@ def test_an_interrupted_pipeline_resumes_from_the_run_cache(tmp_path: Path,
             "--regime-samplers", "", "--run-cache", str(tmp_path / "runs"), "--out-reports",
             str(tmp_path / "reports"), "--no-export", "--no-progress"]
     assert main(args) == 0
+
     def figures() -> list[tuple[str, ...]]:  # every metric of every run, without its timings
         with open(tmp_path / "reports" / "ratings_runs.csv") as f:
             return [(r["variant"], r["seed"], r["split"], r["metric"], r["value"]) for r in csv.DictReader(f)]

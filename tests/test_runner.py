@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import TINY_TRAIN, Tiny
 from training import runner
-from training.evaluate import Run
+from training.runner import Run
 
 CFG = dataclasses.replace(TINY_TRAIN, epochs=2, threads=1)
 

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +24,14 @@ from training import metrics
 from training.audit import Audit
 from training.candidates import CandidateLists
 from training.data import Dataset, stats_table
-from training.runner import Runner
-from training.train import VARIANTS, TrainConfig, TrainResult
+from training.runner import Run, Runner
+from training.train import VARIANTS, TrainConfig
 
 RETRIEVER = "retriever"  # the retriever's own order, no reranking
 BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight")
 PATHWAYS = ("prm-concat", "prm-add", "prm-weight")  # the baselines that read the retriever score
 SCORE_BINS = 50
 RUN_COLUMNS = ["variant", "seed", "split", "metric", "value", "best_epoch", "seconds_per_epoch", "wall_seconds"]
-
-
-@dataclass
-class Run:
-    variant: str
-    seed: int
-    test: dict[str, float]
-    valid: dict[str, float]
-    best_epoch: int = 0
-    seconds_per_epoch: float = 0.0
-    wall_seconds: float = 0.0
-    result: TrainResult | None = None  # the trained model, kept for export
-    test_n6: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-list test N@6 (fraction)
 
 
 def check_variants(variants: list[str]) -> None:

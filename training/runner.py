@@ -1,8 +1,9 @@
 """Where the runs of a pipeline execute: on ``jobs`` worker processes, each finished run kept on disk.
 
-Owns: the process pool (spawned workers, each holding the dataset and every sampler's lists once), the run
-cache (one file per finished run, keyed by everything that decides its result, so an interrupted pipeline
-resumes where it stopped and a changed config or changed training code never reuses a stale run).
+Owns: the run record (``Run``); the process pool (spawned workers, each holding the dataset and every sampler's
+lists once); the run cache (one file per finished run, keyed by everything that decides its result, so an
+interrupted pipeline resumes where it stopped and a changed config or changed training code never reuses a
+stale run).
 Does not know: how a variant trains (``train.py``), which runs a pipeline wants (``evaluate.py``).
 """
 
@@ -18,17 +19,31 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 
 from training import metrics
 from training.candidates import CandidateLists
 from training.data import Dataset
-from training.train import TrainConfig, predict, train
+from training.train import TrainConfig, TrainResult, predict, train
 
-if TYPE_CHECKING:
-    from training.evaluate import Run
+
+@dataclass
+class Run:
+    """One variant at one seed: its figures, and the trained model when it trained (kept for export)."""
+
+    variant: str
+    seed: int
+    test: dict[str, float]
+    valid: dict[str, float]
+    best_epoch: int = 0
+    seconds_per_epoch: float = 0.0
+    wall_seconds: float = 0.0
+    result: TrainResult | None = None  # the trained model, kept for export
+    test_n6: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-list test N@6 (fraction)
+
 
 # The modules whose code decides a run's figures; a change to any of them invalidates every cached run.
 RESULT_MODULES = ("data", "retriever", "candidates", "model", "generator", "train", "metrics")
@@ -83,8 +98,6 @@ class RunCache:
 
 def train_run(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, progress: bool) -> Run:
     """Train one variant at one seed and score it on the test lists."""
-    from training.evaluate import Run
-
     t0 = time.perf_counter()
     result = train(dataset, lists, cfg, progress)
     test = lists["test"]
