@@ -57,7 +57,7 @@ serve: $(STAMP)
 # The full offline pipeline on ML-100K: the leakage audit of every sampler, every variant x 5 seeds under the
 # default sampler, the key variants x 3 seeds under the others: reports/ml100k.md with its CSVs and plots, and
 # the best variant on validation in models/. Runs train JOBS at a time with one torch thread each (on 2 cores
-# 1.33x the runs per hour of one run on 2 threads; ~2.7 h); each finished run is kept in build/runs, so an
+# 1.33x the runs per hour of one run on 2 threads; 157 min measured); each finished run is kept in build/runs, so an
 # interrupted pipeline resumes where it stopped (delete build/runs to train everything again).
 pipeline: $(STAMP)
 	$(PY) -m training pipeline --jobs $(JOBS) --threads 1
