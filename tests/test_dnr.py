@@ -214,3 +214,25 @@ def test_unknown_dnr_settings_are_refused() -> None:
         TrainConfig(variant="dnr-g", lx_estimator="mmd")
     with pytest.raises(ValueError, match="lambda_c"):
         TrainConfig(variant="dnr-g", lambda_c=1.5)
+
+
+@pytest.mark.parametrize("pathway", ["late", "residual"])
+def test_late_pathway_dnr_steps_share_one_encoder_pass(tiny: Tiny, pathway: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = dataclasses.replace(tiny.cfg, variant="dnr-g", dnr_pathway=pathway, dropout=0.0)
+    seed_everything(0, 1)
+    model = build_model(tiny.dataset, cfg, tiny.lists["train"].items.shape[1]).train()
+    gen = generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden)
+    batch = to_tensors(tiny.lists["train"], np.arange(64))
+    passes = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a: passes.append(torch.is_grad_enabled()) or encode(*a))
+    rer, gens = snapshot(model), snapshot(gen)
+    logs = reranker_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch,
+                         model_noise(model, gen, batch), cfg)
+    assert passes == [True] and set(logs) == {"L_direct", "L_z"}  # L_direct and L_z from one encoder pass
+    assert changed(rer, model) and not changed(gens, gen)
+    rer = snapshot(model)
+    logs = generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-2), batch, cfg)
+    assert passes == [True, False] and set(logs) == {"L_adv", "L_x"}  # the frozen encoder runs without a graph
+    assert not changed(rer, model) and set(changed(gens, gen)) == {k for k, _ in gen.named_parameters()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,3 +92,44 @@ def test_config_refuses_nonsense() -> None:
         ModelConfig(n_items=3, pathway="sum")
     with pytest.raises(ValueError, match="hidden 10 is not divisible by heads 4"):
         ModelConfig(n_items=3, hidden=10, heads=4)
+
+
+def test_untrained_residual_model_is_the_retriever_order() -> None:
+    items, scores, mask, history, profile = inputs()
+    with torch.no_grad():
+        logits = make("residual")(items, scores, mask, history, profile)
+    assert torch.equal(logits.argsort(-1, descending=True), scores.argsort(-1, descending=True))
+
+
+@pytest.mark.parametrize("pathway", ["none", "residual", "late"])
+def test_late_pathways_encode_without_the_score(pathway: str) -> None:
+    model = make(pathway)
+    items, scores, mask, history, profile = inputs()
+    positions = retriever_positions(scores, mask)
+    other = torch.rand_like(scores)
+    with torch.no_grad():
+        h = model.encode(items, scores, mask, history, profile, positions)
+        assert torch.equal(h, model.encode(items, other, mask, history, profile, positions))
+        # ... and the whole model is the encoder then the score head, which reads the score where it should.
+        assert torch.equal(model(items, scores, mask, history, profile, positions), model.score_logits(h, scores, mask))
+        moved = not torch.allclose(model.score_logits(h, scores, mask), model.score_logits(h, other, mask))
+    assert model.late_score and moved == (pathway != "none")
+    assert not make("weight").late_score
+
+
+@pytest.mark.parametrize("switch", ["positions", "history", "side_features"])
+def test_ablation_switches_make_the_model_blind_to_their_input(switch: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=40, item_field_sizes=[3], user_field_sizes=[4, 2], max_candidates=12, history_len=5,
+                      hidden=16, heads=2, layers=1, dropout=0.0, pathway="late", **{switch: False})
+    tokens = [torch.randint(0, 4, (40, 2))]
+    model, full = Reranker(cfg, tokens).eval(), Reranker(dataclasses.replace(cfg, **{switch: True}), tokens).eval()
+    items, scores, mask, history, profile = inputs()
+    positions = retriever_positions(scores, mask)
+    changed = {"positions": (items, scores, mask, history, profile, positions.flip(-1)),
+               "history": (items, scores, mask, history.flip(-1) % 40, profile, positions),
+               "side_features": (items, scores, mask, history, (profile + 1) % 3, positions)}[switch]
+    with torch.no_grad():
+        assert torch.equal(model(items, scores, mask, history, profile, positions), model(*changed))
+        full.load_state_dict(model.state_dict())
+        assert not torch.equal(full(items, scores, mask, history, profile, positions), full(*changed))

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import Tiny
 from training import export, metrics
-from training.train import predict, train
+from training.train import TrainConfig, lr_factor, predict, train
 
 
 def test_training_improves_on_its_initialisation(tiny: Tiny) -> None:
@@ -105,3 +105,31 @@ def test_export_refuses_on_parity_mismatch(tiny: Tiny, tmp_path: Path) -> None:
 def test_export_refuses_to_overwrite(exported: Path, tiny: Tiny) -> None:
     with pytest.raises(FileExistsError, match="tiny-v1 exists"):
         export.export(tiny.result.model, tiny.dataset, tiny.lists, exported.parent, "tiny-v1", {}, {})
+
+
+@pytest.mark.parametrize("overrides", [{"variant": "prm-residual", "schedule": "cosine"}, {"variant": "prm-late"},
+                                       {"variant": "prm-late", "positions": False, "history": False,
+                                        "side_features": False}], ids=["residual", "late", "late-ablated"])
+def test_new_pathways_and_ablations_train_and_export_with_parity(tiny: Tiny, tmp_path: Path,
+                                                                 overrides: dict[str, object]) -> None:
+    cfg = dataclasses.replace(tiny.cfg, epochs=2, **overrides)
+    result = train(tiny.dataset, tiny.lists, cfg, progress=False)
+    path = export.export(result.model, tiny.dataset, tiny.lists, tmp_path, "v", {}, {})  # refuses without parity
+    manifest = json.loads((path / "manifest.json").read_text())
+    # An ablated model still takes every input of the contract, so the service needs no special case.
+    assert [i["name"] for i in manifest["graph"]["inputs"]] == ["items", "scores", "mask", "history", "profile"]
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["items", "scores", "mask", "history", "profile"]
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_cosine_schedule_warms_up_then_decays_to_lr_min() -> None:
+    cfg = TrainConfig(schedule="cosine", epochs=4, warmup=0.5, lr_min=0.1)
+    factor = lr_factor(cfg, steps_per_epoch=10)
+    steps = [factor(s) for s in range(40)]
+    assert steps[0] == pytest.approx(0.2) and steps[4] == pytest.approx(1.0)  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(steps[4:], steps[5:], strict=False))  # then never rises
+    assert factor(40) == pytest.approx(0.1) and steps[-1] > 0.1
+    assert {lr_factor(TrainConfig(), 10)(s) for s in range(40)} == {1.0}
+    with pytest.raises(ValueError, match="schedule 'step'"):
+        TrainConfig(schedule="step")

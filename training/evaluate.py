@@ -28,8 +28,8 @@ from training.runner import Run, Runner
 from training.train import VARIANTS, TrainConfig
 
 RETRIEVER = "retriever"  # the retriever's own order, no reranking
-BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight")
-PATHWAYS = ("prm-concat", "prm-add", "prm-weight")  # the baselines that read the retriever score
+BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight", "prm-residual", "prm-late")
+PATHWAYS = BASELINES[1:]  # the baselines that read the retriever score
 SCORE_BINS = 50
 RUN_COLUMNS = ["variant", "seed", "split", "metric", "value", "best_epoch", "seconds_per_epoch", "wall_seconds"]
 

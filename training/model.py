@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PATHWAYS = ("none", "concat", "add", "weight")
+PATHWAYS = ("none", "concat", "add", "weight", "residual", "late")
+# Where the retriever score enters: before the candidate encoder (early), or only after it, so that one encoder
+# pass serves any number of score vectors (DNR's real and synthetic scores).
+EARLY_PATHWAYS = ("concat", "add", "weight")
+SCORE_EPS = 1e-4  # residual pathway: scores are clamped to [eps, 1 - eps] before the logit
 MASKED_LOGIT = -1e4
 NEG_INF = -1e4  # additive attention bias; finite so an all-padding row stays finite
 
@@ -39,6 +43,10 @@ class ModelConfig:
     history_layers: int = 1
     dropout: float = 0.3
     pathway: str = "none"
+    # Ablation switches (what the model reads); the exported graph keeps every input either way.
+    positions: bool = True  # the position embedding over the retriever order
+    history: bool = True  # the history encoder (else the user state is the profile alone)
+    side_features: bool = True  # item side features and the user profile
 
     def __post_init__(self) -> None:
         if self.pathway not in PATHWAYS:
@@ -120,14 +128,25 @@ class Reranker(nn.Module):
         self.hist_blocks = nn.ModuleList(Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.history_layers))
         self.user_proj = nn.Linear(2 * d, d)
         self.pos_emb = nn.Embedding(cfg.max_candidates, d)
-        if cfg.pathway == "concat":
+        if cfg.pathway in ("concat", "late"):
             self.score_mlp = nn.Sequential(nn.Linear(1, d // 4), nn.ReLU(), nn.Linear(d // 4, d // 4))
+        if cfg.pathway == "concat":
             self.score_join = nn.Linear(d + d // 4, d)
         elif cfg.pathway in ("add", "weight"):
             self.score_mlp = nn.Sequential(nn.Linear(1, d // 4), nn.ReLU(), nn.Linear(d // 4, d))
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+        head_in = d + d // 4 if cfg.pathway == "late" else d
+        self.head = nn.Sequential(nn.Linear(head_in, d), nn.ReLU(), nn.Linear(d, 1))
+        if cfg.pathway == "residual":
+            # logit = scale * logit(score) + bias + correction, the correction starting at 0: an untrained model
+            # is the retriever order, and training moves it only where the data pay for it.
+            self.score_scale = nn.Parameter(torch.ones(()))
+            self.score_bias = nn.Parameter(torch.zeros(()))
+            last = self.head[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.drop = Dropout(cfg.dropout)
         self.frozen_table: torch.Tensor | None = None
         nn.init.normal_(self.hist_pos, std=0.02)
@@ -154,29 +173,35 @@ class Reranker(nn.Module):
             self.frozen_table = self.item_table().detach().clone()
         return self
 
+    @property
+    def late_score(self) -> bool:
+        """True when the score enters after the candidate encoder, so ``encode`` does not read it."""
+        return self.cfg.pathway not in EARLY_PATHWAYS
+
     def user_state(self, table: torch.Tensor, history: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
         """(B, H), (B, F) -> (B, D): profile embedding joined with a pooled transformer over the history."""
         valid = history > 0  # (B, H)
-        h = table[history] + self.hist_pos[None, -history.shape[1] :]
-        bias = (~valid).float() * NEG_INF
-        for block in self.hist_blocks:
-            h = block(h, bias)
-        pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # (B, D)
-        if self.cfg.user_field_sizes:
+        if self.cfg.history:
+            h = table[history] + self.hist_pos[None, -history.shape[1] :]
+            bias = (~valid).float() * NEG_INF
+            for block in self.hist_blocks:
+                h = block(h, bias)
+            pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        else:
+            pooled = torch.zeros(history.shape[0], self.cfg.hidden) + 0.0 * valid[:, :1]  # keeps the input
+        if self.cfg.user_field_sizes and self.cfg.side_features:
             prof = self.user_fields([profile[:, i : i + 1] for i in range(len(self.cfg.user_field_sizes))])
         else:
-            prof = torch.zeros_like(pooled)
+            prof = torch.zeros_like(pooled) + 0.0 * profile[:, :1]
         return self.user_proj(torch.cat([pooled, prof], dim=-1))
 
-    def forward(self, items: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, history: torch.Tensor,
-                profile: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L). ``positions`` defaults to each candidate's rank by ``scores`` among the real
-        candidates (ties: lower index first), so callers may send candidates in any order; DNR training
-        passes the real retriever positions while ``scores`` carries synthetic ones."""
-        if positions is None:
-            positions = retriever_positions(scores, mask)
+    def encode(self, items: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, history: torch.Tensor,
+               profile: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): each candidate after the candidate encoder. Reads ``scores`` only on an early pathway."""
         table = self.item_table()
-        x = table[items] + self.user_state(table, history, profile)[:, None] + self.pos_emb(positions)
+        x = table[items] + self.user_state(table, history, profile)[:, None]
+        if self.cfg.positions:
+            x = x + self.pos_emb(positions)
         s = scores[..., None]  # (B, L, 1)
         if self.cfg.pathway == "concat":
             x = self.score_join(torch.cat([x, self.score_mlp(s)], dim=-1))
@@ -188,8 +213,27 @@ class Reranker(nn.Module):
         bias = (~mask).float() * NEG_INF
         for block in self.blocks:
             x = block(x, bias)
-        logits = self.head(self.norm(x)).squeeze(-1)
+        return self.norm(x)
+
+    def score_logits(self, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) logits from encoded candidates ``h`` and ``scores`` (read here on a late pathway only)."""
+        s = scores[..., None]
+        if self.cfg.pathway == "late":
+            h = torch.cat([h, self.score_mlp(s)], dim=-1)
+        logits = self.head(h).squeeze(-1)
+        if self.cfg.pathway == "residual":
+            p = scores.clamp(SCORE_EPS, 1.0 - SCORE_EPS)
+            logits = logits + self.score_scale * (torch.log(p) - torch.log(1.0 - p)) + self.score_bias
         return logits.masked_fill(~mask, MASKED_LOGIT)
+
+    def forward(self, items: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, history: torch.Tensor,
+                profile: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L). ``positions`` defaults to each candidate's rank by ``scores`` among the real
+        candidates (ties: lower index first), so callers may send candidates in any order; DNR training
+        passes the real retriever positions while ``scores`` carries synthetic ones."""
+        if positions is None:
+            positions = retriever_positions(scores, mask)
+        return self.score_logits(self.encode(items, scores, mask, history, profile, positions), scores, mask)
 
 
 def retriever_positions(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ into tensors, prediction, reproducibility. Does not know: data files, the retrie
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +45,8 @@ VARIANTS = {
     "prm-concat": Variant("concat"),
     "prm-add": Variant("add"),
     "prm-weight": Variant("weight"),
+    "prm-residual": Variant("residual"),
+    "prm-late": Variant("late"),
     "g": Variant(None, "gaussian"),  # heuristic-only: L_direct + lambda_m L_z with Gaussian eps throughout
     "b": Variant(None, "beta"),
     "dnr-g": Variant(None, "gaussian", generator=True),
@@ -52,6 +56,9 @@ VARIANTS = {
     "dnr-b-no-adv": Variant(None, "beta", generator=True, adv=False),
     "dnr-b-no-x": Variant(None, "beta", generator=True, lx=False),
 }
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -64,6 +71,11 @@ class TrainConfig:
     patience: int = field(default=3, metadata={"help": "epochs without a better validation N@6 before stopping"})
     batch_size: int = field(default=512, metadata={"help": "lists per batch (paper: 2048 on ML-1M)"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
+    schedule: str = field(default="constant", metadata={
+        "help": "learning-rate schedule: constant, or cosine (linear warm-up, then cosine decay to lr_min x lr "
+                "at the last epoch)"})
+    warmup: float = field(default=0.5, metadata={"help": "cosine schedule: warm-up epochs"})
+    lr_min: float = field(default=0.05, metadata={"help": "cosine schedule: final learning rate, as a fraction of lr"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (paper: 1e-3)"})
     # 64 / 1 layer rather than the paper's 128 / 2: ~7.5 s instead of ~26 s an epoch on 2 cores, and on
     # ML-100K one seed of each reached the same validation N@6 in a 12-epoch probe (README, deviations).
@@ -71,6 +83,9 @@ class TrainConfig:
     heads: int = field(default=2, metadata={"help": "attention heads"})
     layers: int = field(default=1, metadata={"help": "transformer layers over the candidates (paper size: 2)"})
     dropout: float = field(default=0.3, metadata={"help": "dropout (paper: 0.3)"})
+    positions: bool = field(default=True, metadata={"help": "position embedding over the retriever order"})
+    history: bool = field(default=True, metadata={"help": "history encoder (else the profile alone)"})
+    side_features: bool = field(default=True, metadata={"help": "item side features and the user profile"})
     seed: int = field(default=0, metadata={"help": "reranker seed"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     # DNR (variants g, b, dnr-*). Paper values are for ML-1M; see reports/ml100k.md for what we chose here.
@@ -104,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"lx_estimator {self.lx_estimator!r} is not one of {generator.LX_ESTIMATORS}")
         if not 0.0 <= self.lambda_c <= 1.0:
             raise ValueError(f"lambda_c {self.lambda_c} is not in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.lambda_e < 0 or self.gen_every < 1:
             raise ValueError(f"lambda_e {self.lambda_e} must be >= 0 and gen_every {self.gen_every} >= 1")
 
@@ -135,6 +152,23 @@ class TrainResult:
     @property
     def seconds_per_epoch(self) -> float:
         return float(np.mean([e["seconds"] for e in self.epochs]))
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Step -> multiplier of ``cfg.lr``: 1 throughout (constant), or a linear warm-up over ``cfg.warmup``
+    epochs, then a cosine decay that reaches ``cfg.lr_min`` at the end of the last epoch (cosine)."""
+    if cfg.schedule == "constant":
+        return lambda step: 1.0
+    warm = max(1, round(cfg.warmup * steps_per_epoch))
+    total = max(warm + 1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / (total - warm))
+        return cfg.lr_min + (1.0 - cfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -174,6 +208,9 @@ def build_model(dataset: Dataset, cfg: TrainConfig, n_candidates: int) -> Rerank
         layers=cfg.layers,
         dropout=cfg.dropout,
         pathway=cfg.pathway,
+        positions=cfg.positions,
+        history=cfg.history,
+        side_features=cfg.side_features,
     )
     return Reranker(model_cfg, [torch.from_numpy(f.tokens) for f in dataset.item_fields])
 
@@ -217,13 +254,16 @@ def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torc
     ``eps`` is data here (no graph back to any generator): only the reranker's parameters move.
     """
     positions = list_positions(len(t["items"]), t["items"].shape[1])
-    logits = model(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions)
+    h = model.encode(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions)
+    logits = model.score_logits(h, t["scores"], t["mask"])
     direct = masked_bce(logits, t["labels"], t["mask"])
     loss, out = direct, {"L_direct": direct.item()}
     if eps is not None:
         synthetic = generator.synthetic_scores(t["labels"], eps.detach(), cfg.lambda_c)
         # Positions stay the real retriever order: the synthetic scores replace the score pathway's input only.
-        logits_z = model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions)
+        # A late pathway reads the score after the encoder, so the one encoder pass serves both score vectors.
+        logits_z = (model.score_logits(h, synthetic, t["mask"]) if model.late_score else
+                    model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions))
         l_z = masked_bce(logits_z, t["labels"], t["mask"])
         loss = direct + cfg.lambda_m * l_z
         out["L_z"] = l_z.item()
@@ -248,7 +288,12 @@ def generator_step(model: Reranker, gen: generator.NoiseGenerator, opt: torch.op
         out: dict[str, float] = {}
         if spec.adv:
             positions = list_positions(len(t["items"]), t["items"].shape[1])
-            logits = model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions)
+            if model.late_score:  # the encoder does not read the score: no graph through it
+                with torch.no_grad():
+                    h = model.encode(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions)
+                logits = model.score_logits(h, synthetic, t["mask"])
+            else:
+                logits = model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions)
             l_adv = generator.adversarial_loss(logits, t["labels"], t["mask"])
             loss = loss + l_adv
             out["L_adv"] = l_adv.item()
@@ -290,6 +335,8 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
     n_candidates = lists["train"].items.shape[1]
     model = build_model(dataset, cfg, n_candidates)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(lists["train"]) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     spec, noise = cfg.spec, cfg.noise()
     gen = (generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden, conditioned=cfg.gen_condition)
            if spec.generator else None)
@@ -314,6 +361,7 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
                 eps = model_noise(model, gen, t).detach() if use_model and gen is not None else noise.sample(
                     t["labels"].shape)
             logs = reranker_step(model, opt, t, eps, cfg)
+            schedule.step()
             if use_model and gen is not None and gen_opt is not None and step % cfg.gen_every == 0:
                 logs |= generator_step(model, gen, gen_opt, t, cfg)
             for k, v in logs.items():
@@ -323,7 +371,8 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
         scores = predict(model, valid)
         valid_metrics = metrics.evaluate(scores, valid.labels, valid.mask)
         losses = {k: sums[k] / counts[k] for k in sums}
-        epochs.append({"epoch": epoch, "loss": losses["L_direct"], "seconds": seconds, **losses,
+        epochs.append({"epoch": epoch, "loss": losses["L_direct"], "seconds": seconds,
+                       "lr": opt.param_groups[0]["lr"], **losses,
                        **{f"valid_{k}": v for k, v in valid_metrics.items()}})
         bar.set_postfix(loss=f"{losses['L_direct']:.4f}", n6=f"{valid_metrics['N@6']:.2f}")
         if best is None or valid_metrics["N@6"] > best[0]:
