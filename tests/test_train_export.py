@@ -133,3 +133,12 @@ def test_cosine_schedule_warms_up_then_decays_to_lr_min() -> None:
     assert {lr_factor(TrainConfig(), 10)(s) for s in range(40)} == {1.0}
     with pytest.raises(ValueError, match="schedule 'step'"):
         TrainConfig(schedule="step")
+
+
+def test_a_residual_model_that_learns_nothing_stays_the_retriever_order(tiny: Tiny) -> None:
+    cfg = dataclasses.replace(tiny.cfg, variant="prm-residual", epochs=2, patience=5, lr=0.0)
+    result = train(tiny.dataset, tiny.lists, cfg, progress=False)
+    valid = tiny.lists["valid"]
+    assert result.best_epoch == 0  # the untrained model competed, and nothing beat it
+    retriever = metrics.evaluate(valid.scores, valid.labels, valid.mask)["N@6"]
+    assert result.best_valid["N@6"] == pytest.approx(retriever)

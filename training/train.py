@@ -344,7 +344,10 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
     min_epochs = cfg.lambda_e + cfg.patience if gen is not None else 0
     perm_gen = torch.Generator().manual_seed(cfg.seed)
     train_lists, valid = lists["train"], lists["valid"]
-    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    # Epoch 0, the untrained model, competes too: a residual model that learns nothing useful on validation
+    # stays the retriever order instead of shipping an epoch that is worse than it.
+    init_metrics = metrics.evaluate(predict(model, valid), valid.labels, valid.mask)
+    best = (init_metrics["N@6"], 0, copy.deepcopy(model.state_dict()), init_metrics)
     epochs: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.variant} seed {cfg.seed}", leave=False, disable=not progress)
     for epoch in bar:
@@ -375,11 +378,10 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
                        "lr": opt.param_groups[0]["lr"], **losses,
                        **{f"valid_{k}": v for k, v in valid_metrics.items()}})
         bar.set_postfix(loss=f"{losses['L_direct']:.4f}", n6=f"{valid_metrics['N@6']:.2f}")
-        if best is None or valid_metrics["N@6"] > best[0]:
+        if valid_metrics["N@6"] > best[0]:
             best = (valid_metrics["N@6"], epoch, copy.deepcopy(model.state_dict()), valid_metrics)
         elif epoch - best[1] >= cfg.patience and epoch >= min_epochs:
             break
-    assert best is not None, "epochs must be >= 1"
     synthetic = sample_synthetic(model, noise, gen if gen is not None and cfg.epochs > cfg.lambda_e else None,
                                  valid, cfg) if noise is not None else None
     model.load_state_dict(best[2])
