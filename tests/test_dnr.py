@@ -136,7 +136,7 @@ def test_reranker_step_moves_no_generator_parameter(parts: Parts) -> None:
     opt = torch.optim.AdamW(parts.model.parameters(), lr=1e-2)
     rer, gen = snapshot(parts.model), snapshot(parts.gen)
     eps = model_noise(parts.model, parts.gen, parts.batch)
-    logs = reranker_step(parts.model, opt, parts.batch, eps, parts.cfg)
+    logs, _ = reranker_step(parts.model, opt, parts.batch, eps, parts.cfg)
     assert set(logs) == {"L_direct", "L_z"} and all(np.isfinite(v) for v in logs.values())
     assert not changed(gen, parts.gen)
     assert all(p.grad is None for p in parts.gen.parameters())
@@ -224,15 +224,19 @@ def test_late_pathway_dnr_steps_share_one_encoder_pass(tiny: Tiny, pathway: str,
     model = build_model(tiny.dataset, cfg, tiny.lists["train"].items.shape[1]).train()
     gen = generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden)
     batch = to_tensors(tiny.lists["train"], np.arange(64))
-    passes = []
-    encode = model.encode
-    monkeypatch.setattr(model, "encode", lambda *a: passes.append(torch.is_grad_enabled()) or encode(*a))
+    passes: list[bool] = []  # one entry per encoder pass: whether it built a graph
+    encode = model.encode_with_state
+    monkeypatch.setattr(model, "encode_with_state", lambda *a: passes.append(torch.is_grad_enabled()) or encode(*a))
     rer, gens = snapshot(model), snapshot(gen)
-    logs = reranker_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch,
-                         model_noise(model, gen, batch), cfg)
-    assert passes == [True] and set(logs) == {"L_direct", "L_z"}  # L_direct and L_z from one encoder pass
+    # The generator's eps comes from the reranker step's own user state and candidates: one pass for all three.
+    logs, encoding = reranker_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, None, cfg, gen)
+    assert passes == [True] and set(logs) == {"L_direct", "L_z"}
     assert changed(rer, model) and not changed(gens, gen)
+    assert not encoding.h.requires_grad and encoding.h.shape == (64, batch["items"].shape[1], cfg.hidden)
     rer = snapshot(model)
-    logs = generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-2), batch, cfg)
-    assert passes == [True, False] and set(logs) == {"L_adv", "L_x"}  # the frozen encoder runs without a graph
+    logs = generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-2), batch, cfg, encoding)
+    assert passes == [True] and set(logs) == {"L_adv", "L_x"}  # the step's encoding serves the generator too
     assert not changed(rer, model) and set(changed(gens, gen)) == {k for k, _ in gen.named_parameters()}
+    # Without the step's encoding the frozen encoder runs again, without a graph.
+    logs = generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-2), batch, cfg)
+    assert passes == [True, False] and not changed(rer, model)

@@ -7,13 +7,23 @@ import dataclasses
 import pytest
 import torch
 
-from training.model import MASKED_LOGIT, PATHWAYS, ModelConfig, Reranker, retriever_positions
+from training.model import (
+    MASKED_LOGIT,
+    Dropout,
+    PATHWAYS,
+    ModelConfig,
+    Reranker,
+    list_standardised,
+    retriever_positions,
+    score_logit,
+)
 
 
-def make(pathway: str = "concat", seed: int = 0) -> Reranker:
+def make(pathway: str = "concat", seed: int = 0, score_input: str = "list") -> Reranker:
     torch.manual_seed(seed)
     cfg = ModelConfig(n_items=40, item_field_sizes=[3], user_field_sizes=[4, 2], max_candidates=12,
-                      history_len=5, hidden=16, heads=2, layers=1, dropout=0.0, pathway=pathway)
+                      history_len=5, hidden=16, heads=2, layers=1, dropout=0.0, pathway=pathway,
+                      score_input=score_input)
     return Reranker(cfg, [torch.randint(0, 4, (40, 2))]).eval()
 
 
@@ -92,6 +102,33 @@ def test_config_refuses_nonsense() -> None:
         ModelConfig(n_items=3, pathway="sum")
     with pytest.raises(ValueError, match="hidden 10 is not divisible by heads 4"):
         ModelConfig(n_items=3, hidden=10, heads=4)
+    with pytest.raises(ValueError, match="score_input 'rank'"):
+        ModelConfig(n_items=3, score_input="rank")
+
+
+def test_list_standardised_scores_are_centred_scaled_and_zero_on_padding() -> None:
+    x = torch.tensor([[3.0, 1.0, 2.0, 9.0], [5.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    z = list_standardised(x, mask)
+    assert torch.allclose(z[0, :3], torch.tensor([1.0, -1.0, 0.0]) * 1.5**0.5, atol=1e-4)
+    assert torch.equal(z[:, 3], torch.zeros(2)) and torch.allclose(z[1], torch.zeros(4))  # one value: all 0
+
+
+@pytest.mark.parametrize("pathway", ["concat", "add", "weight", "residual", "late"])
+def test_list_score_input_ignores_the_retriever_calibration(pathway: str) -> None:
+    """Scores recalibrated by any increasing affine map of their logit (what a retrained retriever does) give the
+    same logits under score_input list, and different ones under raw."""
+    items, scores, mask, history, profile = inputs()
+    shifted = torch.sigmoid(0.5 * score_logit(scores) - 1.0)
+    positions = retriever_positions(scores, mask)
+    for score_input, same in (("list", True), ("raw", False)):
+        model = make(pathway, score_input=score_input)
+        if pathway == "residual":  # the untrained correction is 0: give it weight so the features reach it
+            torch.nn.init.normal_(model.head[-1].weight)
+        with torch.no_grad():
+            a = model(items, scores, mask, history, profile, positions)
+            b = model(items, shifted, mask, history, profile, positions)
+        assert torch.allclose(a, b, atol=1e-4) == same, (pathway, score_input)
 
 
 def test_untrained_residual_model_is_the_retriever_order() -> None:
@@ -133,3 +170,15 @@ def test_ablation_switches_make_the_model_blind_to_their_input(switch: str) -> N
         assert torch.equal(model(items, scores, mask, history, profile, positions), model(*changed))
         full.load_state_dict(model.state_dict())
         assert not torch.equal(full(items, scores, mask, history, profile, positions), full(*changed))
+
+
+def test_byte_dropout_drops_p_and_keeps_the_expectation() -> None:
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(400, 250)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - (1 - 77 / 256)) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
+    assert torch.allclose(torch.unique(y), torch.tensor([0.0, 256 / 179]))
+    assert not torch.equal(drop(x), y)  # a fresh mask each call
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)

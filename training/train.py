@@ -34,6 +34,7 @@ class Variant:
     generator: bool = False  # after lambda_e epochs eps comes from the model-based generator
     adv: bool = True  # the generator's loss has L_adv
     lx: bool = True  # the generator's loss has L_x
+    without: str | None = None  # an ablation: the input the model does not read (positions, history, side_features)
 
     @property
     def synthetic(self) -> bool:
@@ -47,6 +48,10 @@ VARIANTS = {
     "prm-weight": Variant("weight"),
     "prm-residual": Variant("residual"),
     "prm-late": Variant("late"),
+    # What PRM learns from, each ablated alone (the score pathway's ablation is prm against the prm-* pathways).
+    "prm-no-positions": Variant("none", without="positions"),
+    "prm-no-history": Variant("none", without="history"),
+    "prm-no-side-features": Variant("none", without="side_features"),
     "g": Variant(None, "gaussian"),  # heuristic-only: L_direct + lambda_m L_z with Gaussian eps throughout
     "b": Variant(None, "beta"),
     "dnr-g": Variant(None, "gaussian", generator=True),
@@ -64,9 +69,9 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainConfig:
     variant: str = field(default="prm", metadata={"help": f"reranker variant: {', '.join(VARIANTS)}"})
-    # 10 epochs at lr 1e-2 (patience 3): on ML-100K prm-weight's validation N@6 reached 50.5 by epoch 10, where
-    # lr 2e-3 had reached 42.8 after 30 (README, deviations); the short schedule is what makes 12 variants x
-    # 5 seeds fit on two CPU cores. Measured on the first, leaky candidate lists: open to revision on the new ones.
+    # 10 epochs at a constant lr 1e-2 (patience 3). On the leak-free lists (ML-100K, PRM seed 0, validation N@6):
+    # 42.3 at epoch 10 and still rising; a cosine schedule did worse (8 epochs: 40.1 at batch 256 and lr 1e-2,
+    # 37.1 at lr 2e-2), and so did hidden 32 (39.9). More epochs would help; they are what the table cannot afford.
     epochs: int = field(default=10, metadata={"help": "maximum training epochs"})
     patience: int = field(default=3, metadata={"help": "epochs without a better validation N@6 before stopping"})
     batch_size: int = field(default=512, metadata={"help": "lists per batch (paper: 2048 on ML-1M)"})
@@ -83,15 +88,21 @@ class TrainConfig:
     heads: int = field(default=2, metadata={"help": "attention heads"})
     layers: int = field(default=1, metadata={"help": "transformer layers over the candidates (paper size: 2)"})
     dropout: float = field(default=0.3, metadata={"help": "dropout (paper: 0.3)"})
+    score_input: str = field(default="list", metadata={
+        "help": "what a score pathway reads: raw (the score) or list (its logit standardised within the list)"})
+    # 0.5: on ML-100K (seed 0, 10 epochs) prm-late's validation N@6 went from 39.1 to 42.2 and prm-add's stayed
+    # at 41.3; without it a model that reads the score sits at the retriever's level for epochs.
+    score_dropout: float = field(default=0.5, metadata={
+        "help": "training only: share of lists whose score feature is blanked, so the encoder cannot lean on it"})
     positions: bool = field(default=True, metadata={"help": "position embedding over the retriever order"})
     history: bool = field(default=True, metadata={"help": "history encoder (else the profile alone)"})
     side_features: bool = field(default=True, metadata={"help": "item side features and the user profile"})
     seed: int = field(default=0, metadata={"help": "reranker seed"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     # DNR (variants g, b, dnr-*). Paper values are for ML-1M; see reports/ml100k.md for what we chose here.
-    # weight, not concat: on ML-100K seed 0 (lr 1e-2, 10 epochs) dnr-g reached validation N@6 45.5 on the weight
-    # pathway and 29.0 on concat, on the first, leaky candidate lists (reports/ml100k.md measures the new ones).
-    dnr_pathway: str = field(default="weight", metadata={"help": "score pathway of the g, b and dnr-* variants"})
+    # late: the paper's fusion point, and the one where a single encoder pass serves the real scores, the
+    # synthetic ones and the generator step (DNR's epoch ~1.1x PRM's instead of ~2.5x on an early pathway).
+    dnr_pathway: str = field(default="late", metadata={"help": "score pathway of the g, b and dnr-* variants"})
     lambda_c: float = field(default=0.4, metadata={"help": "x' = (1 - lambda_c) z + lambda_c eps (paper: 0.4)"})
     lambda_m: float = field(default=0.4, metadata={"help": "weight of L_z, the BCE on synthetic scores (paper: 0.4)"})
     lambda_e: int = field(default=5, metadata={
@@ -208,9 +219,11 @@ def build_model(dataset: Dataset, cfg: TrainConfig, n_candidates: int) -> Rerank
         layers=cfg.layers,
         dropout=cfg.dropout,
         pathway=cfg.pathway,
-        positions=cfg.positions,
-        history=cfg.history,
-        side_features=cfg.side_features,
+        score_input=cfg.score_input,
+        score_dropout=cfg.score_dropout,
+        positions=cfg.positions and cfg.spec.without != "positions",
+        history=cfg.history and cfg.spec.without != "history",
+        side_features=cfg.side_features and cfg.spec.without != "side_features",
     )
     return Reranker(model_cfg, [torch.from_numpy(f.tokens) for f in dataset.item_fields])
 
@@ -247,21 +260,38 @@ def model_noise(model: Reranker, gen: generator.NoiseGenerator, t: dict[str, tor
     return gen(user, candidates, t["labels"])
 
 
-def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torch.Tensor],
-                  eps: torch.Tensor | None, cfg: TrainConfig) -> dict[str, float]:
-    """One step of L_theta = L_direct (BCE on the real scores) + lambda_m L_z (BCE on x' from ``eps``).
+@dataclass
+class Encoding:
+    """A reranker step's candidate encoding with the user state and candidate embeddings it read, detached:
+    on a late pathway the generator step reuses it instead of running the encoder again."""
 
-    ``eps`` is data here (no graph back to any generator): only the reranker's parameters move.
+    h: torch.Tensor  # (B, L, D)
+    user: torch.Tensor  # (B, D)
+    candidates: torch.Tensor  # (B, L, D)
+
+
+def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torch.Tensor],
+                  eps: torch.Tensor | None, cfg: TrainConfig, gen: generator.NoiseGenerator | None = None
+                  ) -> tuple[dict[str, float], Encoding]:
+    """One step of L_theta = L_direct (BCE on the real scores) + lambda_m L_z (BCE on x' from the noise).
+
+    The noise is ``eps`` when given, else drawn from ``gen`` (when given) on this step's own user state and
+    candidates, without a gradient: only the reranker's parameters move. On a late pathway one encoder pass
+    serves the real and the synthetic scores; on an early one the synthetic scores take a second pass.
+    Returns the losses and the step's (detached) encoding.
     """
     positions = list_positions(len(t["items"]), t["items"].shape[1])
-    h = model.encode(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions)
+    h, user, candidates = model.encode_with_state(t["items"], t["scores"], t["mask"], t["history"], t["profile"],
+                                                  positions)
     logits = model.score_logits(h, t["scores"], t["mask"])
     direct = masked_bce(logits, t["labels"], t["mask"])
     loss, out = direct, {"L_direct": direct.item()}
+    if eps is None and gen is not None:
+        with torch.no_grad():
+            eps = gen(user, candidates, t["labels"])
     if eps is not None:
         synthetic = generator.synthetic_scores(t["labels"], eps.detach(), cfg.lambda_c)
         # Positions stay the real retriever order: the synthetic scores replace the score pathway's input only.
-        # A late pathway reads the score after the encoder, so the one encoder pass serves both score vectors.
         logits_z = (model.score_logits(h, synthetic, t["mask"]) if model.late_score else
                     model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions))
         l_z = masked_bce(logits_z, t["labels"], t["mask"])
@@ -270,25 +300,37 @@ def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torc
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return out
+    return out, Encoding(h.detach(), user.detach(), candidates.detach())
 
 
 def generator_step(model: Reranker, gen: generator.NoiseGenerator, opt: torch.optim.Optimizer,
-                   t: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, float]:
-    """One step of the generator's loss L_adv + lambda_x L_x against the frozen reranker (eval mode, no
-    parameter gradients): only the generator's parameters move."""
+                   t: dict[str, torch.Tensor], cfg: TrainConfig, encoding: Encoding | None = None
+                   ) -> dict[str, float]:
+    """One step of the generator's loss L_adv + lambda_x L_x against the frozen reranker (no parameter
+    gradients): only the generator's parameters move.
+
+    With ``encoding`` (a late pathway's reranker step on this batch) the generator reads that step's user state
+    and candidates and the reranker scores x' on that encoding with its updated head: no encoder pass at all.
+    Without it, the reranker runs in eval mode on the batch (the encoder under no_grad on a late pathway).
+    """
     spec = cfg.spec
     was_training = model.training
-    model.eval()
+    if encoding is None:
+        model.eval()
     model.requires_grad_(False)
     try:
-        eps = model_noise(model, gen, t)
+        if encoding is not None:
+            eps = gen(encoding.user, encoding.candidates, t["labels"])
+        else:
+            eps = model_noise(model, gen, t)
         synthetic = generator.synthetic_scores(t["labels"], eps, cfg.lambda_c)
         loss = torch.zeros(())
         out: dict[str, float] = {}
         if spec.adv:
             positions = list_positions(len(t["items"]), t["items"].shape[1])
-            if model.late_score:  # the encoder does not read the score: no graph through it
+            if encoding is not None and model.late_score:
+                logits = model.score_logits(encoding.h, synthetic, t["mask"])
+            elif model.late_score:  # the encoder does not read the score: no graph through it
                 with torch.no_grad():
                     h = model.encode(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions)
                 logits = model.score_logits(h, synthetic, t["mask"])
@@ -359,14 +401,11 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
         counts: dict[str, int] = {}
         for step, start in enumerate(range(0, len(perm), cfg.batch_size)):
             t = to_tensors(train_lists, perm[start : start + cfg.batch_size])
-            eps = None
-            if noise is not None:
-                eps = model_noise(model, gen, t).detach() if use_model and gen is not None else noise.sample(
-                    t["labels"].shape)
-            logs = reranker_step(model, opt, t, eps, cfg)
+            eps = noise.sample(t["labels"].shape) if noise is not None and not use_model else None
+            logs, encoding = reranker_step(model, opt, t, eps, cfg, gen if use_model else None)
             schedule.step()
             if use_model and gen is not None and gen_opt is not None and step % cfg.gen_every == 0:
-                logs |= generator_step(model, gen, gen_opt, t, cfg)
+                logs |= generator_step(model, gen, gen_opt, t, cfg, encoding if model.late_score else None)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
