@@ -54,13 +54,15 @@ serve: $(STAMP)
 	@ls models/*/manifest.json >/dev/null 2>&1 || $(MAKE) model
 	$(PY) -m service
 
-# The full offline pipeline on ML-100K: the leakage audit of every sampler, every variant x 5 seeds under the
-# default sampler, the key variants x 3 seeds under the others: reports/ml100k.md with its CSVs and plots, and
-# the best variant on validation in models/. Runs train JOBS at a time with one torch thread each (on 2 cores
-# 1.33x the runs per hour of one run on 2 threads; 157 min measured); each finished run is kept in build/runs, so an
-# interrupted pipeline resumes where it stopped (delete build/runs to train everything again).
+# The offline pipeline on ML-100K: the leakage audit of every sampler, 12 variants x 5 seeds under the default
+# sampler (the score pathways, DNR, and PRM's ablations), the key variants x 2 seeds under the others:
+# reports/ml100k.md with its CSVs and plots, and the best variant on validation in models/. Runs train JOBS at a
+# time with one torch thread each; each finished run is kept in build/runs, so an interrupted pipeline resumes
+# where it stopped (delete build/runs to train everything again). `python -m training pipeline` alone trains every
+# variant (prm-residual and the DNR loss ablations too) x 5 seeds, regimes x 3.
+PIPELINE_VARIANTS ?= retriever,prm,prm-concat,prm-add,prm-weight,prm-late,g,b,dnr-g,dnr-b,prm-no-positions,prm-no-history,prm-no-side-features
 pipeline: $(STAMP)
-	$(PY) -m training pipeline --jobs $(JOBS) --threads 1
+	$(PY) -m training pipeline --jobs $(JOBS) --threads 1 --variants $(PIPELINE_VARIANTS) --seeds 5 --regime-seeds 2
 
 # The knobs the paper leaves open, one at a time, for dnr-g on validation: reports/ml100k_choices.md (~25 min).
 dnr-choices: $(STAMP)

@@ -18,7 +18,8 @@ def slate_of(tiny: Tiny, split: str, row: int) -> tuple[int, np.ndarray, np.ndar
     u, start = int(s.user[row]), int(s.start[row])
     size = tiny.dataset.slate_size
     valid_start = int(valid.start[valid.user == u][0])
-    return u, tiny.dataset.seq_items[u][start : start + size], tiny.dataset.seq_items[u][: max(start + size, valid_start)]
+    seq = tiny.dataset.seq_items[u]
+    return u, seq[start : start + size], seq[: max(start + size, valid_start)]
 
 
 @pytest.mark.parametrize("sampler", candidates.SAMPLERS)
@@ -48,7 +49,7 @@ def test_training_negatives_skip_later_choices_but_not_the_held_out_slates(tiny:
     d, train = tiny.dataset, tiny.lists["train"]
     pre_valid_later = held_out = 0
     for row in range(len(train)):
-        u, slate, excluded = slate_of(tiny, "train", row)
+        u, _slate, excluded = slate_of(tiny, "train", row)
         negatives = set(train.items[row][train.labels[row] == 0].tolist())
         start = int(d.splits["train"].start[row]) + d.slate_size
         pre_valid_later += len(negatives & set(excluded[start:].tolist()))

@@ -9,8 +9,8 @@ import torch
 
 from training.model import (
     MASKED_LOGIT,
-    Dropout,
     PATHWAYS,
+    Dropout,
     ModelConfig,
     Reranker,
     list_standardised,

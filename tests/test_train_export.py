@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import Tiny
 from training import export, metrics
-from training.train import TrainConfig, lr_factor, predict, train
+from training.train import TrainConfig, build_model, lr_factor, predict, train
 
 
 def test_training_improves_on_its_initialisation(tiny: Tiny) -> None:
@@ -143,3 +143,11 @@ def test_a_residual_model_that_learns_nothing_stays_the_retriever_order(tiny: Ti
     assert result.best_epoch == 0  # the untrained model competed, and nothing beat it
     retriever = metrics.evaluate(valid.scores, valid.labels, valid.mask)["N@6"]
     assert result.best_valid["N@6"] == pytest.approx(retriever)
+
+
+@pytest.mark.parametrize("switch", ["positions", "history", "side_features"])
+def test_ablation_variants_turn_off_one_input_each(tiny: Tiny, switch: str) -> None:
+    variant = f"prm-no-{switch.replace('_', '-')}"
+    model = build_model(tiny.dataset, dataclasses.replace(tiny.cfg, variant=variant), 30)
+    flags = {name: getattr(model.cfg, name) for name in ("positions", "history", "side_features")}
+    assert flags == {name: name != switch for name in flags} and model.cfg.pathway == "none"

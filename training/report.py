@@ -126,8 +126,12 @@ DEVIATIONS = [
     "high score means a negative. The list AUC on training lists is reported beside the test one.",
     "**Model size and schedule.** Hidden 64 and one candidate-transformer layer (paper: 128), batch 512 (paper: "
     "2048), AdamW at lr 1e-2, at most `epochs` epochs with `lambda_e` heuristic epochs (paper: lambda_e 40). "
-    "Two CPU cores make the paper's schedule (12 variants x 5 seeds) infeasible (the settings below are the "
-    "ones that ran).",
+    "Two CPU cores make the paper's schedule infeasible; the validation curves below are still rising at the "
+    "last epoch (the settings below are the ones that ran).",
+    "**Score pathways** read the score's logit standardised within the list (`score_input` list), and on "
+    "`score_dropout` of the training lists not at all; DNR's pathway is `late` (the score joins after the "
+    "candidate encoder, the paper's fusion point), so one encoder pass serves the real scores, the synthetic "
+    "ones and the generator step, which reads that step's (detached) user state and candidates.",
     "**Early stopping** on validation N@6 with `patience`; generator variants never stop before the generator has "
     "trained `patience` epochs. The reported model is the epoch with the best validation N@6.",
     "**Positions under synthetic scores.** The L_z pass keeps the real retriever positions and feeds x' to the "
