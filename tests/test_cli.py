@@ -36,7 +36,11 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     reports = tmp_path / "reports"
     report = (reports / "ratings.md").read_text()
     assert "| prm-add |" in report and "s / epoch" in report and "## Deviations from the paper" in report
-    assert "| dnr-b | prm-concat |" in report and "| g | prm-concat |" in report  # significance rows
+    # Significance rows: each DNR variant against prm and against the score pathway best on validation.
+    best_pathway = report.split("best score pathway: **")[1].split("**")[0]
+    assert best_pathway in {"prm-add", "prm-concat"}
+    assert all(f"| {v} | {against} |" in report for v in ("g", "dnr-b") for against in ("prm", best_pathway))
+    assert "## What PRM learns from" in report and "| prm-add | reads the score (add) |" in report
     assert "| prm-concat | " in report and " 76.73 |" in report  # the paper's ML-1M N@6 beside ours
     # The audit comes first; the main table measures every variant against the best non-learned ranking.
     assert next(line for line in report.splitlines() if line.startswith("## ")) == "## Leakage audit"

@@ -203,11 +203,12 @@ class Reranker(nn.Module):
                 h = block(h, bias)
             pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # (B, D)
         else:
-            pooled = torch.zeros(history.shape[0], self.cfg.hidden) + 0.0 * valid[:, :1]  # keeps the input
+            # 0 x (a sum over the input) keeps the input in the exported graph, whatever its width (even 0).
+            pooled = torch.zeros(history.shape[0], self.cfg.hidden) + 0.0 * valid.sum(-1, keepdim=True)
         if self.cfg.user_field_sizes and self.cfg.side_features:
             prof = self.user_fields([profile[:, i : i + 1] for i in range(len(self.cfg.user_field_sizes))])
         else:
-            prof = torch.zeros_like(pooled) + 0.0 * profile[:, :1]
+            prof = torch.zeros_like(pooled) + 0.0 * profile.sum(-1, keepdim=True)
         return self.user_proj(torch.cat([pooled, prof], dim=-1))
 
     def encode(self, items: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, history: torch.Tensor,
