@@ -106,7 +106,7 @@ def build_lists(dataset: Dataset, retr: RetrieverScores, split: str, cfg: ListCo
         matrices, fold = retr.fold_scores, retr.fold.copy()
     else:
         matrices, fold = [retr.pre_valid], np.full(n, PRE_VALID, dtype=np.int64)
-    valid_start = dict(zip(dataset.splits["valid"].user.tolist(), dataset.splits["valid"].start.tolist(), strict=True))
+    before_valid = seen_before_valid(dataset)
     counts = item_counts(dataset)
     base = counts**cfg.popularity_power if cfg.sampler == "popularity" else np.ones(dataset.n_items)
     rng = np.random.default_rng([cfg.list_seed, SPLITS.index(split)])
@@ -119,7 +119,8 @@ def build_lists(dataset: Dataset, retr: RetrieverScores, split: str, cfg: ListCo
         eligible[:ITEM_OFFSET] = False
         # Never an item u meets before validation, even one met after this slate: such an item is one u will
         # choose, and a test list has none of them among its negatives (module docstring).
-        eligible[dataset.seq_items[u][: max(start + k, valid_start[int(u)])]] = False
+        eligible[dataset.seq_items[u][: start + k]] = False
+        eligible[before_valid[u]] = False
         pool = np.flatnonzero(eligible)
         if cfg.sampler == "retrieved":
             pool = pool[np.lexsort((pool, -scores[pool]))[: cfg.pool]]
