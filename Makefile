@@ -64,9 +64,10 @@ PIPELINE_VARIANTS ?= retriever,prm,prm-concat,prm-add,prm-weight,prm-late,g,b,dn
 pipeline: $(STAMP)
 	$(PY) -m training pipeline --jobs $(JOBS) --threads 1 --variants $(PIPELINE_VARIANTS) --seeds 5 --regime-seeds 2
 
-# The knobs the paper leaves open, one at a time, for dnr-g on validation: reports/ml100k_choices.md (~25 min).
+# The knobs the paper leaves open, one at a time, for dnr-g on validation, 3 seeds each with PRM on the same
+# seeds beside them: reports/ml100k_choices.md (~60 min on 2 cores).
 dnr-choices: $(STAMP)
-	$(PY) -m training choices --variant dnr-g --seeds 1 --jobs $(JOBS) --threads 1
+	$(PY) -m training choices --variant dnr-g --seeds 3 --jobs $(JOBS) --threads 1
 
 # Service vs HTTP ceiling vs model alone vs a naive torch server: reports/benchmark.{md,json,png} (~3 min).
 bench: $(STAMP) redis

@@ -141,8 +141,13 @@ def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic
     assert code == 0
     table = (tmp_path / "ratings_choices.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == len(evaluate.CHOICES) == 9 and sum("(best on validation)" in r for r in rows) == 1
+    # One row per choice and one for PRM on the same seeds; the pick is among the DNR rows only.
+    assert len(rows) == len(evaluate.CHOICES) + 1 == 12 and sum("(best on validation)" in r for r in rows) == 1
+    assert rows[-1].startswith(f"| reference: {evaluate.REFERENCE} | - | 1 |")
+    assert "(best on validation)" not in rows[-1]
     assert "| L_x estimator w1 | lx_estimator=w1 | 1 |" in table
+    # The defaults against themselves: a zero paired difference and no win.
+    assert rows[0].split(" | ")[4:6] == ["+0.00 ± 0.00", "0/1"]
     assert main(["choices", "--variant", "prm", "--out-reports", str(tmp_path)]) == 2
     assert "is not one of the DNR variants" in capsys.readouterr().err
 
