@@ -21,7 +21,7 @@ def hand_made(rng: np.random.Generator, leaky: bool, n_users: int = 200, n: int 
                                                                                               .CandidateLists]:
     """One training and one test list per user, 3 positives each. Leaky: the test negatives are the training
     list's negatives and the retriever ranks the positives last; else fresh negatives and a retriever that
-    ranks the positives a little higher than the negatives."""
+    ranks the positives a little higher than the negatives, on training and held-out lists alike."""
     def lists(items: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> candidates.CandidateLists:
         order = np.argsort(-scores, axis=1, kind="stable")
         take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
@@ -33,7 +33,7 @@ def hand_made(rng: np.random.Generator, leaky: bool, n_users: int = 200, n: int 
     labels = np.zeros((n_users, n))
     labels[:, :3] = 1
     train_items = np.stack([rng.choice(np.arange(2, N_ITEMS), n, replace=False) for _ in range(n_users)])
-    out["train"] = lists(train_items, labels, rng.random((n_users, n)))
+    out["train"] = lists(train_items, labels, rng.random((n_users, n)) + (0.0 if leaky else 0.3) * labels)
     test_items = np.stack([rng.choice(np.arange(2, N_ITEMS), n, replace=False) for _ in range(n_users)])
     if leaky:
         test_items[:, 3:] = train_items[:, 3:]
@@ -45,12 +45,26 @@ def hand_made(rng: np.random.Generator, leaky: bool, n_users: int = 200, n: int 
 
 def test_hand_made_leak_is_invalid_for_both_reasons() -> None:
     lists = hand_made(np.random.default_rng(0), leaky=True)
-    result = audit.audit(lists, np.ones(N_ITEMS + 3))
+    result = audit.audit(lists, np.ones(N_ITEMS + 3), max_auc_gap=100)
     assert not result.valid and result.verdict.startswith("INVALID")
     assert len(result.reasons) == 2
     assert "reversed retriever order" in result.reasons[0] and "memorisation" in result.reasons[1]
     assert result.n6["memorisation"] > 99 and result.n6["reversed"] > result.n6["retriever"]
     assert result.best()[0] == "memorisation"
+
+
+def test_training_lists_scored_unlike_validation_lists_are_invalid() -> None:
+    """Clean held-out lists, but training lists whose scores rank the positives last (as when a training list held
+    negatives the user met later, which the retriever had seen and ranked on top): the third rule fires alone."""
+    lists = hand_made(np.random.default_rng(0), leaky=False)
+    train = lists["train"]
+    lists["train"] = dataclasses.replace(train, scores=(train.scores - 0.5 * train.labels).astype(np.float32))
+    result = audit.audit(lists, np.ones(N_ITEMS + 3))
+    assert result.list_auc["valid"] - result.list_auc["train"] > audit.MAX_AUC_GAP
+    assert len(result.reasons) == 1 and "training lists" in result.reasons[0], result.reasons
+    # The rule's width is a setting: wide enough, the same lists pass.
+    gap = result.list_auc["valid"] - result.list_auc["train"]
+    assert audit.audit(lists, np.ones(N_ITEMS + 3), max_auc_gap=gap + 1).valid
 
 
 def test_hand_made_clean_lists_are_valid() -> None:
@@ -132,6 +146,7 @@ def test_ml100k_first_version_lists_are_invalid(ml100k_retrievers: ML100K) -> No
     assert result.n6["reversed"] > result.n6["retriever"], result.n6
     # In-sample scores on training lists, out-of-sample on test lists: the retriever's order inverts.
     assert result.list_auc["train"] > result.list_auc["test"] + 15 and result.list_auc["test"] < 35, result.list_auc
+    assert any("training lists" in reason for reason in result.reasons), result.reasons
 
 
 @pytest.mark.slow

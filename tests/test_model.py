@@ -104,6 +104,8 @@ def test_config_refuses_nonsense() -> None:
         ModelConfig(n_items=3, hidden=10, heads=4)
     with pytest.raises(ValueError, match="score_input 'rank'"):
         ModelConfig(n_items=3, score_input="rank")
+    with pytest.raises(ValueError, match=r"score_dropout 1.5 is not in \[0, 1\)"):
+        ModelConfig(n_items=3, score_dropout=1.5)
 
 
 def test_list_standardised_scores_are_centred_scaled_and_zero_on_padding() -> None:

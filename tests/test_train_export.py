@@ -134,6 +134,10 @@ def test_cosine_schedule_warms_up_then_decays_to_lr_min() -> None:
     assert {lr_factor(TrainConfig(), 10)(s) for s in range(40)} == {1.0}
     with pytest.raises(ValueError, match="schedule 'step'"):
         TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match=r"score_dropout 1.0 is not in \[0, 1\)"):
+        TrainConfig(score_dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout -0.1 is not in \[0, 1\)"):
+        TrainConfig(dropout=-0.1)
 
 
 def test_a_residual_model_that_learns_nothing_stays_the_retriever_order(tiny: Tiny) -> None:

@@ -60,6 +60,9 @@ class ModelConfig:
             raise ValueError(f"score_input {self.score_input!r} is not one of {SCORE_INPUTS}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        for name in ("dropout", "score_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is not in [0, 1)")
 
 
 class Dropout(nn.Module):

@@ -234,9 +234,11 @@ def _audit_section(audit: dict[str, Any]) -> list[str]:
                      f" | {auc['train']:.1f} / {auc['valid']:.1f} / {auc['test']:.1f} | {verdict} |")
     n_lists = next(iter(audit["samplers"].values()))["lists"]
     lines += ["", f"Test N@6 (%) of rankings that learn nothing, on the {n_lists} test lists of each sampler. A "
-              "protocol is valid when reversed retriever order is below retriever order and memorisation (per user, "
+              "protocol is valid when reversed retriever order is below retriever order, memorisation (per user, "
               "items labelled 0 in that user's training lists go last) is no "
-              "better than random order plus noise (max(1 point, 3 standard errors of the per-list difference))."]
+              "better than random order plus noise (max(1 point, 3 standard errors of the per-list difference)), "
+              "and the retriever's list AUC on training lists is within 5 points of its AUC on validation lists "
+              "(the score must mean the same on the lists a reranker learns from as on those it is served)."]
     for sampler, a in audit["samplers"].items():
         if not a["valid"]:
             lines += ["", f"**{sampler}: INVALID** — " + "; ".join(a["reasons"]) + "."]

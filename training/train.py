@@ -132,6 +132,9 @@ class TrainConfig:
             raise ValueError(f"lambda_c {self.lambda_c} is not in [0, 1]")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        for name in ("dropout", "score_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} is not in [0, 1)")
         if self.lambda_e < 0 or self.gen_every < 1:
             raise ValueError(f"lambda_e {self.lambda_e} must be >= 0 and gen_every {self.gen_every} >= 1")
 
