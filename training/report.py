@@ -501,7 +501,8 @@ def write_choices(out_dir: Path, name: str, variant: str, rows: list[dict[str, A
              f"Δ is the mean over seeds of (choice − defaults) on the same seed, ± its std over seeds; wins counts "
              f"the seeds where the choice is above the defaults. With {seeds} seeds a Δ inside about two of its "
              "stds is noise.", "",
-             "| choice | overrides | seeds | valid N@6 | Δ valid vs defaults | wins | best epochs | test N@6 | s/epoch |",
+             "| choice | overrides | seeds | valid N@6 | Δ valid vs defaults | wins | best epochs | test N@6 "
+             "| s/epoch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(best on validation)**" if r is best else ""
