@@ -8,7 +8,7 @@ DEFAULT_VARIANT ?= prm
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest lock faults clean
+.PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest lock image-check faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,8 +87,14 @@ loadtest: $(STAMP)
 
 # The service's dependencies, pinned with hashes (PEP 751): what the CPU image installs. Rerun after editing
 # the base dependencies in pyproject.toml; tests/test_lock.py checks that the two agree.
+# pylock.toml from the public index (pip's local configuration off), the project itself left out: deploy/lock.sh.
 lock: $(STAMP)
-	$(PY) -m pip lock . -o pylock.toml --quiet
+	PY=$(PY) bash deploy/lock.sh
+
+# The image's install step (deploy/install.sh) replayed from the public index in a fresh virtualenv, then the
+# service started from it (also part of `make test`, as tests/test_image.py).
+image-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_image.py
 
 # The fault suite: real service + Redis on loopback, each fault under load: reports/reliability.{md,json} (< 10 min).
 faults: $(STAMP) redis
