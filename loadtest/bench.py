@@ -515,7 +515,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where benchmark.{md,json,png} go")
     parser.add_argument("--workers", type=int, default=0, help="the N of N workers (default: one per core)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every level")
-    parser.add_argument("--concurrency", default="1,4,16,32,64", help="closed-loop connection counts")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop connection counts")
     parser.add_argument("--duration-s", type=float, default=3.0, help="seconds per level")
     parser.add_argument("--rates", default="0.25,0.5,0.75",
                         help="open-loop rates, as fractions of the 1-worker service's best closed-loop throughput")

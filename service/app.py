@@ -311,7 +311,9 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None) -> 
         ranked: Ranked | None = None
         assert state.batcher is not None
         try:
-            ranked = await asyncio.wait_for(state.batcher.enqueue((model, job), deadline, cost=len(job.item_ids)),
+            alone = gate.in_flight + gate.pending <= 1  # this request only: nothing else parsed or in flight
+            ranked = await asyncio.wait_for(state.batcher.enqueue((model, job), deadline, cost=len(job.item_ids),
+                                                                  alone=alone),
                                             max(deadline - time.monotonic(), 0.0))
         except QueueFull as exc:
             metrics.rejections.labels(reason="queue_full").inc()

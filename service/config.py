@@ -38,9 +38,9 @@ class Settings(BaseSettings):
     max_batch_candidates: int = Field(64 * 50, ge=1, description="candidates (rows x list length) per batch")
     max_wait_ms: float | None = Field(None, ge=0, description="wait for a batch to fill; default 0 on CPU, 2 on GPU")
     max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
-    inline_when_idle: bool = Field(True, description=(
-        "with nothing queued or running (and max_wait_ms 0), run a lone request's model call on the event loop "
-        "instead of handing it to the batch thread"))
+    inline_when_idle: bool = Field(False, description=(
+        "with no other request in flight, nothing queued or running and max_wait_ms 0, run the model call on the "
+        "event loop instead of handing it to the batch thread (off: no gain measured at one connection)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
     max_in_flight: int = Field(64, ge=1, description=(
         "/rerank requests being answered at once; more get 429 straight away (see service/admission.py)"))
