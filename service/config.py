@@ -43,7 +43,8 @@ class Settings(BaseSettings):
         "event loop instead of handing it to the batch thread (off: no gain measured at one connection)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
     max_in_flight: int = Field(64, ge=1, description=(
-        "/rerank requests being answered at once; more get 429 straight away (see service/admission.py)"))
+        "/rerank requests being answered at once by the whole service (each of N workers admits 1/N of them); "
+        "more get 429 straight away (see service/admission.py)"))
 
     # --- features
     redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")

@@ -125,7 +125,9 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
     die_with_parent()
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    update: dict[str, Any] = {"intra_op_threads": settings.resolved_intra_op_threads(workers)}
+    # The in-flight limit is the service's: each worker admits its share (tuned for the machine, not a process).
+    update: dict[str, Any] = {"intra_op_threads": settings.resolved_intra_op_threads(workers),
+                              "max_in_flight": -(-settings.max_in_flight // workers)}
     if version:
         update["model_version"] = version
     settings = settings.model_copy(update=update)

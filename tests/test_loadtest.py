@@ -136,6 +136,7 @@ def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
     s = bench.summarise([repeat(1.0), repeat(1.2), repeat(0.9)], model, workers=2)
     assert s["rps service x2"] == {"median": 7000.0, "min": 6300.0, "max": 8400.0}
     assert s["speedup"]["median"] == pytest.approx(1.75)
+    assert s["peak speedup ceiling"]["median"] == pytest.approx(15000 / 9000, abs=1e-3)
     # 290 us against the ceiling's 150 + the model's 100 at a mean batch of 4.
     assert s["cpu parts us service x2"]["median"] == pytest.approx(250.0)
     assert s["cpu ratio service x2"]["median"] == pytest.approx(1.16)
