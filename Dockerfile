@@ -9,7 +9,6 @@
 ARG RUNTIME=cpu
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-ARG ORT_GPU_VERSION=1.23.2
 
 FROM ${PYTHON_IMAGE} AS cpu-base
 ENV VENV=/opt/venv
@@ -26,7 +25,6 @@ RUN apt-get update \
 
 FROM ${RUNTIME}-base AS runtime
 ARG RUNTIME
-ARG ORT_GPU_VERSION
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -37,17 +35,11 @@ WORKDIR /app
 # Only the service package: the image never carries training/ or torch.
 COPY pyproject.toml README.md pylock.toml ./
 COPY service ./service
-# CPU (Python 3.11): exactly the wheels in pylock.toml, each checked against its sha256 (`make lock` writes it).
-# GPU (Python 3.12): the same versions as constraints, then onnxruntime swapped for onnxruntime-gpu (one
-# import name).
-RUN pip install --no-cache-dir "pip==26.3" \
-    && if [ "$RUNTIME" = "gpu" ]; then \
-         python -c "import tomllib; print('\n'.join(p['name'] + '==' + p['version'] for p in tomllib.load(open('pylock.toml', 'rb'))['packages'] if 'version' in p))" > /tmp/constraints.txt \
-         && pip install --no-cache-dir -c /tmp/constraints.txt . \
-         && pip uninstall -y onnxruntime && pip install --no-cache-dir "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
-       else \
-         pip install --no-cache-dir -r pylock.toml; \
-       fi \
+# deploy/install.sh: CPU (Python 3.11) exactly the wheels in pylock.toml, each checked against its sha256,
+# then the project without dependencies; GPU (Python 3.12) the lock's versions as constraints and
+# onnxruntime-gpu at the lock's onnxruntime version. `make image-check` replays it in a fresh virtualenv.
+COPY deploy/install.sh ./
+RUN sh install.sh "$RUNTIME" \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rerank \
     && mkdir -p /models
 USER 10001

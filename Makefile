@@ -8,7 +8,7 @@ DEFAULT_VARIANT ?= prm
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate pytest redis serve model pipeline dnr-choices bench loadtest lock faults clean
+.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline dnr-choices bench loadtest lock image-check faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,8 +69,16 @@ pipeline: $(STAMP)
 dnr-choices: $(STAMP)
 	$(PY) -m training choices --variant dnr-g --seeds 3 --jobs $(JOBS) --threads 1
 
-# Service vs HTTP ceiling vs model alone vs a naive torch server: reports/benchmark.{md,json,png} (~3 min).
-bench: $(STAMP) redis
+# The load generator of `make bench` (a Debian package, C); installed like redis-server.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  echo "installing wrk (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq wrk >/dev/null; fi; }
+
+# The service with 1 and N workers vs the HTTP ceiling with as many processes vs the model alone, wrk closed
+# loop and fixed-rate open loop, 3 interleaved repeats: reports/benchmark.{md,json,png} (~7 min).
+bench: $(STAMP) redis wrk
 	@ls models/*/weights.npz >/dev/null 2>&1 || $(MAKE) model
 	$(PY) -m loadtest.bench
 
@@ -87,8 +95,14 @@ loadtest: $(STAMP)
 
 # The service's dependencies, pinned with hashes (PEP 751): what the CPU image installs. Rerun after editing
 # the base dependencies in pyproject.toml; tests/test_lock.py checks that the two agree.
+# pylock.toml from the public index (pip's local configuration off), the project itself left out: deploy/lock.sh.
 lock: $(STAMP)
-	$(PY) -m pip lock . -o pylock.toml --quiet
+	PY=$(PY) bash deploy/lock.sh
+
+# The image's install step (deploy/install.sh) replayed from the public index in a fresh virtualenv, then the
+# service started from it (also part of `make test`, as tests/test_image.py).
+image-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_image.py
 
 # The fault suite: real service + Redis on loopback, each fault under load: reports/reliability.{md,json} (< 10 min).
 faults: $(STAMP) redis

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -74,12 +75,40 @@ class RedisServer:
             self.proc = None
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def ready_pids(url: str, want: int, timeout_s: float) -> set[int]:
+    """Worker pids seen on /readyz over fresh connections (the kernel spreads them over the workers) until
+    ``want`` distinct ones answered ready, or ``timeout_s`` passed."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < want and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:
+                seen.add(int(json.loads(resp.read())["pid"]))
+        except (OSError, ValueError):  # a worker still starting answers 503 (HTTPError is an OSError)
+            time.sleep(0.05)
+    return seen
+
+
 class ServiceProcess:
-    """``python -m service`` as its own process, configured by RERANK_* variables; ready when /readyz is 200."""
+    """``python -m service`` as its own process, configured by RERANK_* variables (one worker unless
+    RERANK_WORKERS says otherwise); ready when /readyz has answered 200 from every worker."""
 
     def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
         self.port = int(env.get("RERANK_PORT") or free_port())
-        self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", **env, "RERANK_PORT": str(self.port)}
+        self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": "1", **env,
+                    "RERANK_PORT": str(self.port)}
+        self.workers = int(self.env["RERANK_WORKERS"]) or (len(os.sched_getaffinity(0)))
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -99,12 +128,22 @@ class ServiceProcess:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the service exited with {self.proc.returncode} during start-up (log: {self.log})")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{self.url}/readyz", timeout=1).status == 200:
-                    return self
+            if len(ready_pids(self.url, self.workers, 1.0)) == self.workers:
+                return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The processes that serve: the service itself, or with several workers its worker processes."""
+        if self.workers == 1:
+            return [self.pid]
+        workers = []
+        for pid in child_pids(self.pid):  # not multiprocessing's resource tracker
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(pid)
+        return workers
 
     def terminate(self, timeout_s: float = 60) -> int:
         """SIGTERM and wait; the exit code (uvicorn re-raises the signal after a clean shutdown: -15)."""

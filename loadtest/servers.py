@@ -2,6 +2,7 @@
 
     python -m loadtest.servers service --port 8100              # the real app (RERANK_* settings)
     python -m loadtest.servers ceiling --port 8101              # HTTP + parse + a fixed answer
+    python -m loadtest.servers ceiling --port 8101 --reuse-port --bare   # one of N copies on one port
     python -m loadtest.servers naive --port 8102 --models models
 
 - ``service``: ``service.app.create_app``, exactly what ``python -m service`` serves.
@@ -142,6 +143,9 @@ def main() -> None:
     parser.add_argument("kind", choices=["service", "ceiling", "naive"])
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--models", type=Path, default=Path("models"), help="model folder (naive: newest version)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT, as the service's workers do, so N copies share the port")
+    parser.add_argument("--bare", action="store_true", help="without the Timed wrapper (no /bench/latency)")
     args = parser.parse_args()
     import uvicorn
 
@@ -157,9 +161,17 @@ def main() -> None:
         app = ceiling_app()
     else:
         app = naive_app(find_version(args.models, settings.model_version))
-    # The service's own server settings (service/__main__.py): one process, uvloop + httptools, no access log.
-    uvicorn.run(Timed(app), host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    # The service's own server settings (service/server.py): uvloop + httptools, no access log.
+    served = app if args.bare else Timed(app)
+    if not args.reuse_port:
+        uvicorn.run(served, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
+        return
+    from service.server import reuse_port_socket
+
+    config = uvicorn.Config(served, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[reuse_port_socket("127.0.0.1", args.port)])
 
 
 if __name__ == "__main__":

@@ -14,69 +14,30 @@ import asyncio
 import json
 import logging
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING
-
-import uvicorn
 
 from service.config import Settings
+from service.server import GRACEFUL_SHUTDOWN_S, DrainingServer, uvicorn_config
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-# After the drain delay, in-flight requests get this long to finish (deploy/ grace periods are longer than
-# the drain delay plus this).
-GRACEFUL_SHUTDOWN_S = 30
-log = logging.getLogger("service")
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn with a drain phase. On the first SIGTERM or SIGINT readiness goes red at once (``on_drain``)
-    while requests keep being served for ``delay_s``, so load balancers stop sending before the socket
-    closes; then uvicorn's graceful shutdown stops accepting and lets in-flight requests finish. A second
-    signal skips the rest of the delay."""
-
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], delay_s: float) -> None:
-        super().__init__(config)
-        self.on_drain, self.delay_s = on_drain, delay_s
-        self.timer: threading.Timer | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.timer is None:
-            self.on_drain()
-            if self.delay_s > 0:
-                log.info("signal %d: /readyz is red; serving %.1f s more, then shutting down", sig, self.delay_s)
-                self.timer = threading.Timer(self.delay_s, super().handle_exit, (sig, frame))
-                self.timer.daemon = True
-                self.timer.start()
-                return
-        elif self.timer.is_alive():
-            self.timer.cancel()
-        super().handle_exit(sig, frame)
-
-
-def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """How the service runs under uvicorn, here and in the tests: the admission gate at the door."""
-    from service.admission import shedding_protocol
-
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False,
-                          http=shedding_protocol(app.state.gate))
+__all__ = ["GRACEFUL_SHUTDOWN_S", "DrainingServer", "main", "uvicorn_config"]
 
 
 def serve(settings: Settings) -> None:
-    from service.app import begin_drain, create_app
+    """``RERANK_WORKERS`` processes behind the port (one per core by default); with one, this process serves."""
+    from service.app import create_app
+    from service.server import serve_app
+    from service.workers import Supervisor
 
-    app = create_app(settings)
-    # One event loop, one worker: batching needs every request in the same process. Scale out with
-    # replicas (deploy/), not with uvicorn workers.
-    DrainingServer(uvicorn_config(app, settings), lambda: begin_drain(app), settings.drain_delay_s).run()
+    workers = settings.resolved_workers()
+    if workers == 1:
+        serve_app(create_app(settings), settings)
+        return
+    code = Supervisor(settings, workers).run()
+    if code:
+        sys.exit(code)
 
 
 def reload(settings: Settings, version: str) -> int:

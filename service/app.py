@@ -13,17 +13,17 @@ import copy
 import gc
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -34,9 +34,12 @@ from service.admission import Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
-from service.metrics import Metrics
+from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Job, ModelError, Ranked, RerankModel, find_version
 from service.schemas import ErrorBody, RerankRequest, RerankResponse, check_request, parse_request
+
+if TYPE_CHECKING:
+    from service.workers import Peers
 
 log = logging.getLogger("rerank.app")
 
@@ -126,7 +129,9 @@ def begin_drain(app: FastAPI) -> None:
         state.draining = True
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, peers: Peers | None = None) -> FastAPI:
+    """The app. ``peers`` (service/workers.py) is set in a worker process: /admin/reload then reaches every
+    worker, and the worker tells the supervisor when it is ready."""
     settings = settings or Settings()
     metrics = Metrics()
     gate = Gate(settings.max_in_flight, settings.retry_after_s,
@@ -155,6 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.expired.inc(stats.expired)
             if stats.late:
                 metrics.late_starts.inc(stats.late)
+            if metrics.multiprocess:  # other workers' /metrics cannot ask this one at scrape time
+                metrics.queue_depth.set(state.batcher.depth if state.batcher is not None else 0)
+                metrics.breaker_open.set(0 if features.breaker.state == "closed" else 1)
             if stats.size:
                 metrics.batch_size.observe(stats.size)
                 metrics.inference_seconds.observe(stats.run_s)
@@ -164,12 +172,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wait_ms = settings.resolved_max_wait_ms(model.on_gpu)
         state.batcher = Batcher(run_batch, max_batch_size=settings.max_batch_size,
                                 max_batch_cost=settings.max_batch_candidates, max_wait_ms=wait_ms,
-                                max_queue_size=settings.max_queue_size, on_batch=on_batch)
+                                max_queue_size=settings.max_queue_size, on_batch=on_batch,
+                                inline_when_idle=settings.inline_when_idle)
         state.batcher.start()
-        metrics.model_info.info({"version": model.version, "providers": ",".join(model.providers)})
+        metrics.set_model(model.version, model.providers)
         app.state.rerank = state
         freeze_heap()
         state.ready = True
+        if peers is not None:
+            peers.start(asyncio.get_running_loop(), lambda version: reload_here(state, version))
         log.info("ready: max_batch_size %d, max_wait_ms %.1f, max_queue_size %d", settings.max_batch_size,
                  wait_ms, settings.max_queue_size)
         try:
@@ -300,7 +311,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ranked: Ranked | None = None
         assert state.batcher is not None
         try:
-            ranked = await asyncio.wait_for(state.batcher.enqueue((model, job), deadline, cost=len(job.item_ids)),
+            alone = gate.in_flight + gate.pending <= 1  # this request only: nothing else parsed or in flight
+            ranked = await asyncio.wait_for(state.batcher.enqueue((model, job), deadline, cost=len(job.item_ids),
+                                                                  alone=alone),
                                             max(deadline - time.monotonic(), 0.0))
         except QueueFull as exc:
             metrics.rejections.labels(reason="queue_full").inc()
@@ -336,7 +349,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status = "draining" if state is not None and state.draining else "starting"
             return json_response({"status": status}, 503)
         return json_response({"status": "ready", "model_version": state.model.version,
-                              "providers": state.model.providers})
+                              "providers": state.model.providers, "pid": os.getpid()})
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
@@ -344,7 +357,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state is not None and state.batcher is not None:
             metrics.queue_depth.set(state.batcher.depth)
             metrics.breaker_open.set(0 if state.features.breaker.state == "closed" else 1)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
     async def reload(request: Request, version: str = "") -> Response:
@@ -357,8 +370,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
             raise errors.Unauthorized("missing or wrong bearer token", "Authorization", None)
         state = state_of(request)
-        if state.reload_lock.locked():
+        if peers is None:
+            if state.reload_lock.locked():
+                raise errors.Conflict("a reload is already in progress", "version", version)
+            result = await reload_here(state, version)
+            result.pop("pid")
+            return json_response(result)
+        if peers.reloading:
             raise errors.Conflict("a reload is already in progress", "version", version)
+        results = await peers.reload_all(version)
+        done = [r for r in results if "error" not in r]
+        if not done:  # every worker refused it the same way: the request's fault, as with one worker
+            raise errors.InvalidRequest(results[0]["error"], "version", version or str(settings.model_dir))
+        if len(done) < len(results):
+            failed = [r for r in results if "error" in r]
+            log.error("reload reached %d of %d workers: %s", len(done), len(results), failed)
+            raise errors.NotReady(f"reload reached {len(done)} of {len(results)} workers: {failed[0]['error']}",
+                                  "version", version or str(settings.model_dir))
+        first = done[0]
+        return json_response({"model_version": first["model_version"], "previous_version": first["previous_version"],
+                              "providers": first["providers"], "warmup_s": max(r["warmup_s"] for r in done),
+                              "workers": results})
+
+    async def reload_here(state: State, version: str) -> dict[str, Any]:
+        """Load ``version`` in this process (default: the newest under RERANK_MODEL_DIR), warm it up, swap it
+        in atomically. A model that fails validation is refused (InvalidRequest) and the current one serves on."""
         async with state.reload_lock:
             try:
                 folder = find_version(settings.model_dir, version)
@@ -374,10 +410,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.openapi_schema = None  # its limits come from the model
             freeze_heap()
             state.features.set_snapshot(snapshot)
-            metrics.model_info.info({"version": new.version, "providers": ",".join(new.providers)})
+            metrics.set_model(new.version, new.providers)
             metrics.reloads.labels(result="ok").inc()
             log.info("reloaded %s -> %s (warm-up %.2f s)", previous, new.version, warm_s)
-            return json_response({"model_version": new.version, "previous_version": previous,
-                                  "providers": new.providers, "warmup_s": round(warm_s, 3)})
+            return {"pid": os.getpid(), "model_version": new.version, "previous_version": previous,
+                    "providers": new.providers, "warmup_s": round(warm_s, 3)}
 
     return app

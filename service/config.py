@@ -6,6 +6,7 @@ them is used. ``.env.example`` and the README's settings table document the same
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,9 @@ class Settings(BaseSettings):
     model_version: str = Field("", description="version to serve; empty = newest manifest under model_dir")
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per inference; 0 = its default")
+    intra_op_threads: int = Field(0, ge=0, description=(
+        "ONNX Runtime threads per inference; 0 = the cores divided among the workers (ONNX Runtime's own default "
+        "with one worker)"))
 
     # --- request limits
     default_k: int = Field(6, ge=1, description="items returned when the request gives no k")
@@ -35,9 +38,13 @@ class Settings(BaseSettings):
     max_batch_candidates: int = Field(64 * 50, ge=1, description="candidates (rows x list length) per batch")
     max_wait_ms: float | None = Field(None, ge=0, description="wait for a batch to fill; default 0 on CPU, 2 on GPU")
     max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
+    inline_when_idle: bool = Field(False, description=(
+        "with no other request in flight, nothing queued or running and max_wait_ms 0, run the model call on the "
+        "event loop instead of handing it to the batch thread (off: no gain measured at one connection)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
     max_in_flight: int = Field(64, ge=1, description=(
-        "/rerank requests being answered at once; more get 429 straight away (see service/admission.py)"))
+        "/rerank requests being answered at once by the whole service (each of N workers admits 1/N of them); "
+        "more get 429 straight away (see service/admission.py)"))
 
     # --- features
     redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")
@@ -54,6 +61,9 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(5.0, ge=0, le=60, description=(
         "after SIGTERM, keep serving with /readyz red this long before shutting down, so load balancers "
         "stop sending first"))
+    workers: int = Field(0, ge=0, le=256, description=(
+        "worker processes behind the one port, each with its own batcher and ONNX Runtime session; 0 = one per "
+        "core this process may use"))
     host: str = Field("127.0.0.1", description="bind address for `python -m service`")
     port: int = Field(8000, ge=1, le=65535, description="bind port for `python -m service`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -78,3 +88,27 @@ class Settings(BaseSettings):
         if self.max_wait_ms is not None:
             return self.max_wait_ms
         return 2.0 if on_gpu else 0.0
+
+    def resolved_workers(self) -> int:
+        """``workers``, or one per core this process may use."""
+        return self.workers or usable_cores()
+
+    def resolved_intra_op_threads(self, workers: int) -> int:
+        """``intra_op_threads``; with several workers and no setting, the cores divided among them (each
+        ONNX Runtime session would otherwise start one thread per core, and N workers would oversubscribe)."""
+        if self.intra_op_threads or workers <= 1:
+            return self.intra_op_threads
+        return max(1, usable_cores() // workers)
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup v2 CPU quota
+    (a container's CPU limit, e.g. Kubernetes ``limits.cpu``: "200000 100000" is 2 cores), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, -(-int(quota) // int(period))))

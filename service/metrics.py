@@ -6,7 +6,14 @@ buckets. Does not know: when they are observed.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Set by the worker supervisor (service/workers.py) before any worker imports prometheus_client: every worker
+# then writes its samples to files there, and any worker's /metrics adds up all of them.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Latency buckets from 0.1 ms to 2.5 s, dense below 10 ms where a reranker's p50/p99 live, so percentiles
 # read off the histogram are accurate to a fraction of a millisecond.
@@ -17,9 +24,13 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """One registry per app instance, so tests can build apps side by side."""
+    """One registry per app instance, so tests can build apps side by side; with several worker processes
+    (``PROMETHEUS_MULTIPROC_DIR`` set) the samples go to shared files and ``exposition`` adds up every worker's,
+    the way prometheus_client's multiprocess mode does: counters and histograms summed, the queue depth summed
+    over live workers, the breaker and model version the maximum over live workers."""
 
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         r = self.registry = CollectorRegistry()
         self.requests = Counter("rerank_requests_total", "Answered /rerank requests by HTTP status class",
                                 ["status"], registry=r)
@@ -33,12 +44,13 @@ class Metrics:
                                            "One batch: encode + ONNX Runtime + top-k", buckets=SECONDS, registry=r)
         self.batch_size = Histogram("rerank_batch_size", "Requests per inference batch", buckets=BATCH_SIZES,
                                     registry=r)
-        self.queue_depth = Gauge("rerank_queue_depth", "Requests waiting for a batch", registry=r)
+        self.queue_depth = Gauge("rerank_queue_depth", "Requests waiting for a batch", registry=r,
+                                 multiprocess_mode="livesum")
         self.feature_lookups = Counter("rerank_feature_lookups_total", "Which layer answered a feature lookup",
                                        ["source"], registry=r)
         self.redis_errors = Counter("rerank_redis_errors_total", "Failed or timed-out Redis calls", registry=r)
         self.breaker_open = Gauge("rerank_redis_breaker_open", "1 while the Redis circuit breaker is open",
-                                  registry=r)
+                                  registry=r, multiprocess_mode="livemax")
         self.oov_items = Counter("rerank_oov_items_total", "Candidates unknown to the model", registry=r)
         self.cold_start = Counter("rerank_cold_start_users_total", "Requests for users with no features",
                                   registry=r)
@@ -48,5 +60,30 @@ class Metrics:
                                registry=r)
         self.late_starts = Counter("rerank_late_starts_total", "Requests whose deadline passed between batch "
                                    "collection (which drops expired ones) and the batch's start", registry=r)
-        self.model_info = Info("rerank_model", "The model version being served", registry=r)
+        # A gauge rather than an Info (which multiprocess mode cannot collect): 1 on the served version's labels.
+        self.model_info = Gauge("rerank_model_info", "The model version being served (1)", ["providers", "version"],
+                                registry=r, multiprocess_mode="livemax")
+        self._model_labels: tuple[str, str] | None = None
         self.reloads = Counter("rerank_model_reloads_total", "Hot reload attempts", ["result"], registry=r)
+
+    def set_model(self, version: str, providers: list[str]) -> None:
+        """``rerank_model_info`` names ``version`` alone (the previous version's series drops to 0, or goes)."""
+        labels = (",".join(providers), version)
+        if self._model_labels is not None and self._model_labels != labels:
+            if self.multiprocess:  # a file's series cannot be removed; 0 under livemax once no worker serves it
+                self.model_info.labels(*self._model_labels).set(0)
+            else:
+                self.model_info.remove(*self._model_labels)
+        self.model_info.labels(*labels).set(1)
+        self._model_labels = labels
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this registry, or every worker's samples in multiprocess mode."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics"]

@@ -181,3 +181,55 @@ async def test_close_drains_queued_requests_then_refuses() -> None:
     await closing
     assert await running == "done:r"
     assert [await q for q in queued] == ["done:q0", "done:q1", "done:q2"]
+
+
+async def test_a_lone_request_runs_inline_when_nothing_is_queued_or_running() -> None:
+    threads: list[int] = []
+    stats: list[BatchStats] = []
+
+    def process(items: list[str]) -> list[str]:
+        threads.append(threading.get_ident())
+        return [f"done:{i}" for i in items]
+
+    b: Batcher[str, str] = Batcher(process, max_batch_size=4, max_batch_cost=1000, max_wait_ms=0.0,
+                                   max_queue_size=100, on_batch=stats.append, inline_when_idle=True,
+                                   inline_max_ms=60_000)  # any lone call counts as fast: no wall-clock assert
+    b.start()
+    # Until a lone request has run (on the worker thread), its cost is unknown: no inline yet.
+    first = b.enqueue("first", deadline())
+    assert not first.done() and await first == "done:first" and threads[0] != threading.get_ident()
+    assert b.solo_run_s == stats[0].run_s
+    queued = b.enqueue("not alone", deadline())  # the caller knows of other requests on their way: no inline
+    assert not queued.done() and await queued == "done:not alone" and threads[1] != threading.get_ident()
+    threads.pop()
+    stats.pop()
+    future = b.enqueue("a", deadline(), alone=True)
+    assert future.done() and future.result() == "done:a"  # settled before enqueue returned: no thread hop
+    assert threads[1:] == [threading.get_ident()] and (stats[1].size, stats[1].queue_waits_s) == (1, [0.0])
+    expired = b.enqueue("late", time.monotonic() - 1, alone=True)
+    assert isinstance(expired.exception(), DeadlineExceeded) and threads[1:] == [threading.get_ident()]
+    # A model slower than the hop it saves (a moving average of lone requests over inline_max_ms) goes back
+    # to the worker thread, so a slow call does not hold the event loop.
+    b.solo_run_s = 61.0
+    slow = b.enqueue("b", deadline(), alone=True)
+    assert not slow.done() and await slow == "done:b" and threads[-1] != threading.get_ident()
+    await b.close()
+
+
+async def test_inline_is_skipped_while_a_batch_runs_or_when_batches_wait_to_fill() -> None:
+    gate = Gate()
+    b = make(gate)
+    first = asyncio.create_task(b.submit("a0", deadline()))  # inline off: a0 goes to the worker thread
+    await wait_entered(gate)
+    b.inline_when_idle = True
+    second = b.enqueue("a1", deadline(), alone=True)
+    assert not second.done() and b.depth == 1  # a batch is running: a1 queues behind it
+    gate.open.set()
+    assert await first == "done:a0" and await second == "done:a1"
+    await b.close()
+    waiting = make(Gate(), max_wait_ms=2.0)
+    waiting.inline_when_idle = True
+    queued = waiting.enqueue("b0", deadline(), alone=True)
+    assert not queued.done()  # batching that waits for a batch to fill (the GPU default) never runs inline
+    queued.cancel()
+    await waiting.close()

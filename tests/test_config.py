@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import Settings, usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +49,23 @@ def test_wait_defaults_by_device() -> None:
     s = Settings(_env_file=None)
     assert s.resolved_max_wait_ms(on_gpu=False) == 0.0 and s.resolved_max_wait_ms(on_gpu=True) == 2.0
     assert Settings(_env_file=None, max_wait_ms=5).resolved_max_wait_ms(on_gpu=False) == 5.0
+
+
+def test_workers_default_to_the_usable_cores_capped_by_a_cgroup_cpu_limit(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert usable_cores(cpu_max) == 8  # no cgroup file
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == 8
+    cpu_max.write_text("150000 100000\n")  # a 1.5-core limit: two workers, the second one partly used
+    assert usable_cores(cpu_max) == 2
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    monkeypatch.setattr("service.config.usable_cores", lambda: 4)
+    settings = Settings(_env_file=None)
+    assert settings.resolved_workers() == 4 and Settings(_env_file=None, workers=3).resolved_workers() == 3
+    # ONNX Runtime threads: its own default with one worker, else the cores split among the workers.
+    assert settings.resolved_intra_op_threads(1) == 0
+    assert settings.resolved_intra_op_threads(2) == 2 and settings.resolved_intra_op_threads(8) == 1
+    assert Settings(_env_file=None, intra_op_threads=3).resolved_intra_op_threads(2) == 3

@@ -127,6 +127,15 @@ def test_k8s_settings_are_real_settings() -> None:
     Settings(_env_file=None, **{k.removeprefix("RERANK_").lower(): v for k, v in values.items()})
 
 
+def test_k8s_workers_match_the_cpu_limit() -> None:
+    """One worker per core of limits.cpu, one ONNX Runtime thread each: no idle core, no oversubscription."""
+    (container,) = k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+    data = k8s("ConfigMap")["data"]
+    cpu = container["resources"]["limits"]["cpu"]
+    assert container["resources"]["requests"]["cpu"] == cpu
+    assert int(data["RERANK_WORKERS"]) == int(cpu) and int(data["RERANK_INTRA_OP_THREADS"]) == 1
+
+
 def test_k8s_deployment_probes_ports_and_termination() -> None:
     deployment = k8s("Deployment")
     pod = deployment["spec"]["template"]

@@ -101,32 +101,48 @@ def test_locust_steady_run_against_the_real_service(model_root: Path, tmp_path: 
 # ----------------------------------------------------------------------------------------------- bench
 
 
-def level(c: int, rps: float, p50: float, p99: float, statuses: dict[str, int] | None = None,
-          client_p99: float | None = None) -> dict[str, Any]:
-    return {"concurrency": c, "throughput_rps": rps, "p50_ms": p50, "p99_ms": p99,
-            "client": {"p99_ms": client_p99 if client_p99 is not None else p99},
-            "statuses": statuses or {"200": 100}}
+def level(target: str, c: int, rps: float, p99: float, non_2xx: int = 0, server_p99: float | None = None,
+          cpu_us: float = 100.0, p50: float = 1.0, mean_batch: float | None = None) -> dict[str, Any]:
+    row = {"target": target, "connections": c, "throughput_rps": rps, "p50_ms": p50, "p99_ms": p99,
+           "non_2xx": non_2xx, "socket_errors": 0, "server_cpu_us_per_request": cpu_us}
+    if server_p99 is not None:
+        row |= {"server_p99_ms": server_p99, "mean_batch": mean_batch}
+    return row
 
 
 def test_best_under_budget_ignores_slow_levels_and_errors() -> None:
-    levels = [level(1, 100, 1, 2), level(4, 300, 3, 9), level(16, 500, 8, 30), level(8, 400, 5, 9.5, {"429": 3})]
-    assert bench.best_under(levels)["concurrency"] == 4
-    assert bench.best_under([level(1, 100, 20, 40)]) is None
-    # A one-at-a-time server: fast once called, but requests queued in the socket wait far longer.
-    assert bench.best_under([level(1, 200, 4, 6), level(8, 210, 4, 6, client_p99=45)])["concurrency"] == 1
+    levels = [level("s", 1, 100, 2), level("s", 4, 300, 9), level("s", 16, 500, 30), level("s", 8, 400, 9.5, 3)]
+    assert bench.best_under(levels)["connections"] == 4
+    assert bench.best_under([level("s", 1, 100, 40)]) is None
+    # The server's own p99 counts too where it reports one.
+    assert bench.best_under([level("s", 1, 200, 6), level("s", 8, 210, 6, server_p99=12)])["connections"] == 1
 
 
-def test_summary_targets() -> None:
-    http = {"ceiling": [level(1, 2000, 0.3, 0.5), level(8, 5000, 1.0, 3.0)],
-            "service": [level(1, 800, 1.0, 1.5), level(8, 2000, 3.0, 8.0)],
-            "naive": [level(1, 200, 4.0, 6.0), level(8, 210, 30.0, 40.0)]}
-    model = [{"batch": 1, "ort": {"p50_ms": 0.6}, "rank": {"p50_ms": 0.7}}]
-    s = bench.summarise(http, model)
-    assert s["service_vs_naive_throughput"] == 10.0
-    assert s["c1_latency_bound_ms"] == pytest.approx(0.9)
-    assert s["non_model_overhead_ms"] == pytest.approx(0.4)
-    assert s["targets"] == {"throughput_vs_naive >= 3x": True, "c1 p50 <= 1.3 x (ceiling + model)": True,
-                            "non-model overhead <= 0.3 ms": False}
+def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
+    model = [{"batch": 1, "ort": {"p50_ms": 0.2}, "rank_cpu_us_per_list": 200.0},
+             {"batch": 4, "ort": {"p50_ms": 0.3}, "rank_cpu_us_per_list": 100.0}]
+
+    def repeat(scale: float) -> dict[str, Any]:
+        return {"open": [], "closed": [
+            level("service x1", 1, 1000, 1.0, server_p99=0.8, cpu_us=400, p50=0.5, mean_batch=1.0),
+            level("service x1", 16, 4000 * scale, 6.0, server_p99=5.0, cpu_us=300, mean_batch=4.0),
+            level("service x2", 1, 1000, 1.0, server_p99=0.8, cpu_us=400, p50=0.5, mean_batch=1.0),
+            level("service x2", 16, 7000 * scale, 7.0, server_p99=6.0, cpu_us=290, mean_batch=4.0),
+            level("ceiling x1", 1, 5000, 0.5, cpu_us=150, p50=0.2),
+            level("ceiling x1", 16, 9000, 3.0, cpu_us=140),
+            level("ceiling x2", 1, 5000, 0.5, cpu_us=150, p50=0.2),
+            level("ceiling x2", 16, 15000, 3.0, cpu_us=150)]}
+
+    s = bench.summarise([repeat(1.0), repeat(1.2), repeat(0.9)], model, workers=2)
+    assert s["rps service x2"] == {"median": 7000.0, "min": 6300.0, "max": 8400.0}
+    assert s["speedup"]["median"] == pytest.approx(1.75)
+    assert s["peak speedup ceiling"]["median"] == pytest.approx(15000 / 9000, abs=1e-3)
+    # 290 us against the ceiling's 150 + the model's 100 at a mean batch of 4.
+    assert s["cpu parts us service x2"]["median"] == pytest.approx(250.0)
+    assert s["cpu ratio service x2"]["median"] == pytest.approx(1.16)
+    assert s["c1 bound"]["median"] == pytest.approx(0.4) and s["c1 ratio"]["median"] == pytest.approx(1.25)
+    assert list(s["targets"].values()) == [True, True, True]
+    assert bench.model_cpu_us_per_list(model, 2.0) == pytest.approx(150.0)
 
 
 def test_histogram_quantile_interpolates_the_delta() -> None:

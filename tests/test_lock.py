@@ -29,3 +29,20 @@ def test_lock_pins_every_service_dependency_with_hashes() -> None:
             continue
         assert p["wheels"] and all(w["hashes"]["sha256"] for w in p["wheels"]), name
     assert not {"torch", "onnxruntime-gpu", "recbole"} & set(packages), "the service lock must stay small"
+
+
+def test_lock_is_public_and_leaves_the_project_out() -> None:
+    """Every wheel from the public index (a lock resolved through a local mirror carries file:// URLs that exist on
+    one machine), no directory entry (pip cannot hash one, so `pip install -r pylock.toml` refused it), and the
+    onnxruntime version the GPU image installs as onnxruntime-gpu (deploy/lock-constraints.txt)."""
+    text = (ROOT / "pylock.toml").read_text()
+    lock = tomllib.loads(text)
+    assert "file://" not in text
+    for p in lock["packages"]:
+        assert "directory" not in p and canonicalize_name(p["name"]) != "dnr-rerank", p["name"]
+        for wheel in p["wheels"]:
+            assert wheel["url"].startswith("https://files.pythonhosted.org/"), wheel["url"]
+    pins = dict(line.split("==") for line in (ROOT / "deploy" / "lock-constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    versions = {canonicalize_name(p["name"]): p["version"] for p in lock["packages"]}
+    assert versions["onnxruntime"] == pins["onnxruntime"]

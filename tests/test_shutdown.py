@@ -1,5 +1,6 @@
-"""SIGTERM on the real `python -m service` process under a stream of requests: readiness goes red first, every
-request sent is answered by the model, and the process exits within the drain delay plus a margin."""
+"""SIGTERM on the real `python -m service` process under a stream of requests, with one worker and with two:
+readiness goes red first (on every worker), every request sent is answered by the model, and the process exits
+within the drain delay plus a margin."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from loadtest.procs import ready_pids
 from tests.conftest import free_port
 
 
-def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path, workers: int) -> None:
     port, delay_s = free_port(), 1.5
     env = {**os.environ, "RERANK_MODEL_DIR": str(model_root), "RERANK_MODEL_VERSION": "tiny-v1",
            "RERANK_PORT": str(port), "RERANK_REDIS_URL": "", "RERANK_DRAIN_DELAY_S": str(delay_s),
-           "RERANK_LOG_LEVEL": "warning"}
+           "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": str(workers)}
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
     url = f"http://127.0.0.1:{port}"
     body = json.loads((model_root / "tiny-v1" / "heldout.jsonl").read_text().splitlines()[0])["request"]
@@ -41,17 +45,13 @@ def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path
 
     try:
         deadline = time.monotonic() + 60
-        while True:
+        while len(ready_pids(url, workers, 1.0)) < workers:
             assert proc.poll() is None, "the service exited during start-up"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.1)
-        loader = threading.Thread(target=stream, daemon=True)
-        loader.start()
+        # One keep-alive connection per stream; with two workers, enough streams that both get some.
+        loaders = [threading.Thread(target=stream, daemon=True) for _ in range(1 if workers == 1 else 6)]
+        for loader in loaders:
+            loader.start()
         time.sleep(0.3)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -64,9 +64,12 @@ def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path
                 break
             time.sleep(0.02)
         assert red is not None and red - signalled < 0.5, "readiness did not turn red at once"
+        with httpx.Client(timeout=1, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
+            assert {fresh.get(f"{url}/readyz").status_code for _ in range(10)} == {503}  # every worker
         time.sleep(delay_s / 3)
         stop.set()  # a load balancer has stopped sending by now
-        loader.join(timeout=10)
+        for loader in loaders:
+            loader.join(timeout=10)
         code = proc.wait(timeout=delay_s + 15)
         gone = time.monotonic()
     finally:
