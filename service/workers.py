@@ -125,12 +125,7 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
     die_with_parent()
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    # The in-flight limit is the service's: each worker admits its share (tuned for the machine, not a process).
-    update: dict[str, Any] = {"intra_op_threads": settings.resolved_intra_op_threads(workers),
-                              "max_in_flight": -(-settings.max_in_flight // workers)}
-    if version:
-        update["model_version"] = version
-    settings = settings.model_copy(update=update)
+    settings = worker_settings(settings, workers, version)
     from service.app import create_app
     from service.server import reuse_port_socket, serve_app
 
@@ -138,6 +133,16 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
     log.info("worker %d (pid %d) on %s:%d, %d ONNX Runtime threads", index, os.getpid(), settings.host,
              settings.port, settings.intra_op_threads)
     serve_app(create_app(settings, peers=Peers(conn)), settings, sockets=[sock])
+
+
+def worker_settings(settings: Settings, workers: int, version: str) -> Settings:
+    """One worker's settings: its share of the cores for ONNX Runtime, its share of the service's in-flight limit
+    (tuned for the machine, not a process), and the version every worker last reloaded to, if any."""
+    update: dict[str, Any] = {"intra_op_threads": settings.resolved_intra_op_threads(workers),
+                              "max_in_flight": -(-settings.max_in_flight // workers)}
+    if version:
+        update["model_version"] = version
+    return settings.model_copy(update=update)
 
 
 def die_with_parent() -> None:

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings, usable_cores
+from service.workers import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,13 @@ def test_workers_default_to_the_usable_cores_capped_by_a_cgroup_cpu_limit(tmp_pa
     assert settings.resolved_intra_op_threads(1) == 0
     assert settings.resolved_intra_op_threads(2) == 2 and settings.resolved_intra_op_threads(8) == 1
     assert Settings(_env_file=None, intra_op_threads=3).resolved_intra_op_threads(2) == 3
+
+
+def test_a_worker_gets_its_share_of_the_in_flight_limit_and_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.config.usable_cores", lambda: 4)
+    base = Settings(_env_file=None, max_in_flight=64, model_version="v1")
+    one = worker_settings(base, 3, "")
+    assert (one.max_in_flight, one.intra_op_threads, one.model_version) == (22, 1, "v1")  # ceil(64 / 3)
+    restarted = worker_settings(base, 2, "v2")  # a replacement loads the version every worker reloaded to
+    assert (restarted.max_in_flight, restarted.intra_op_threads, restarted.model_version) == (32, 2, "v2")
+    assert worker_settings(Settings(_env_file=None, max_in_flight=1), 4, "").max_in_flight == 1
