@@ -327,7 +327,7 @@ def open_level(target: Target, rate: float, duration_s: float, models: Path) -> 
     ok = [r.latency_s for r in records if r.status == 200]
     row = {"target": target.name, "offered_rps": round(rate, 1), "answered_rps": round(len(records) / duration_s, 1),
            "non_2xx": sum(r.status != 200 for r in records), "fallbacks": sum(r.fallback for r in records),
-           **{k: v for k, v in percentiles_ms(ok).items()},
+           **percentiles_ms(ok),
            "server_cpu_us_per_request": round(server_cpu / max(len(records), 1) * 1e6, 1),
            **server_side(target, before)}
     print(f"  {target.name:<11} open {rate:7.0f}/s: client p50 {row['p50_ms']:.3f} p99 {row['p99_ms']:.3f} ms, "

@@ -20,9 +20,6 @@ import urllib.request
 from pathlib import Path
 
 from service.config import Settings
-from service.server import GRACEFUL_SHUTDOWN_S, DrainingServer, uvicorn_config
-
-__all__ = ["GRACEFUL_SHUTDOWN_S", "DrainingServer", "main", "uvicorn_config"]
 
 
 def serve(settings: Settings) -> None:

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -60,7 +60,6 @@ class Peers:
         self.conn = conn
         self.on_reload: Reloader | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.reloading = False  # this worker is waiting for a reload of every worker it asked for
         self._send_lock = threading.Lock()
         self._tokens = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[list[dict[str, Any]]]] = {}
@@ -77,13 +76,16 @@ class Peers:
         token = next(self._tokens)
         future: asyncio.Future[list[dict[str, Any]]] = self.loop.create_future()
         self._waiting[token] = future
-        self.reloading = True
         try:
             self._send(("reload", token, version))
             return await asyncio.wait_for(future, RELOAD_TIMEOUT_S + 10)
         finally:
-            self.reloading = False
             self._waiting.pop(token, None)
+
+    @property
+    def reloading(self) -> bool:
+        """This worker is waiting for a reload of every worker it asked for."""
+        return bool(self._waiting)
 
     def _send(self, message: Message) -> None:
         with self._send_lock:
@@ -162,7 +164,6 @@ class Worker:
     index: int
     process: SpawnProcess
     conn: Connection
-    started: float = field(default_factory=time.monotonic)
     ready: bool = False
 
 

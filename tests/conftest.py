@@ -118,8 +118,8 @@ class ServiceThread:
     def __init__(self, settings: Any, door: bool = True) -> None:
         import uvicorn
 
-        from service.__main__ import uvicorn_config
         from service.app import create_app
+        from service.server import uvicorn_config
 
         self.port = settings.port
         self.app = create_app(settings)

@@ -13,10 +13,10 @@ from typing import Any, get_args
 
 import yaml
 
-from service.__main__ import GRACEFUL_SHUTDOWN_S
 from service.config import Settings
 from service.features import Source
 from service.metrics import Metrics
+from service.server import GRACEFUL_SHUTDOWN_S
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
