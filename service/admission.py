@@ -1,111 +1,169 @@
-"""Admission: how many /rerank requests may be inside the service at once, and a 429 at the door for the rest.
+"""Admission: how many /rerank requests may be inside the model stage at once, and a 429 for the rest.
 
-Owns: the in-flight count, the limit, the canned 429 and an HTTP protocol that answers it straight from the
-parser. Does not know: models, features or the batcher.
+Owns: the in-flight count, the limit (fixed, or adapted from measured latency), and the door: a pure ASGI
+middleware that answers 429 before the app routes or reads the body. Does not know: models, features, the
+batcher or the HTTP server underneath (any ASGI server works; no uvicorn internals).
 
-Why at the door: on a CPU host the event loop and the batch encoder share one GIL, and a request answered 429
-by the ASGI app still costs uvicorn's task, Starlette's routing and a JSON body: about a third of a served
-request (measured). Under twice the saturating rate that third eats half the capacity. ``SheddingProtocol``
-answers from uvicorn's parser callbacks instead, without a task or the app, for a few tens of microseconds.
-The handler checks the same ``Gate``, so the limit holds under a plain ``uvicorn service.app:app`` too.
+A slot is held from a complete, parsed body to the answer. A client that trickles its body holds no slot
+(the app bounds how long it may take, ``RERANK_BODY_TIMEOUT_MS``), so slow senders cannot starve the gate.
+The door refuses while every slot is taken; the handler takes the slot after reading the body and refuses
+there too if the door's check went stale meanwhile.
+
+The adaptive limit is AIMD on the model stage's latency (queue wait plus inference), as in Netflix's
+concurrency-limits: a request that spent more than ``SLOW_FRACTION`` of its remaining deadline there, or
+missed it, is a congestion signal and cuts the limit by ``BACKOFF`` (once per round: signals from requests
+admitted before the last cut are ignored); a fast request while at least half the limit is in use raises it,
+by one per request until the first cut (slow start) and by one per limit's worth of requests after. The
+limit stays between the floor and the ceiling. Tuned to the deadline the requests carry, not to a host: the
+same settings hold on a 2-core VM and on a GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, cast
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-PENDING_KEY = "rerank.pending"  # scope key SheddingProtocol sets on the requests it counted as pending
+from service.errors import Overloaded, error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SLOW_FRACTION = 0.5  # of the request's remaining deadline, spent waiting for and running the model
+BACKOFF = 0.9  # multiplicative decrease on a congestion signal
+# A refused request whose body is larger than this and not read yet closes its connection: reading it just to
+# keep the connection alive would cost more than the client's reconnect.
+CLOSE_OVER_BYTES = 64 * 1024
+
+
+class Limit(Protocol):
+    """How many requests may be in flight; told how each admitted request fared."""
+
+    @property
+    def value(self) -> int: ...
+
+    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None: ...
+
+    @property
+    def round(self) -> int: ...
+
+
+class FixedLimit:
+    """A hand-set limit; samples change nothing."""
+
+    def __init__(self, value: int) -> None:
+        self._value = value
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def round(self) -> int:
+        return 0
+
+    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None:
+        return None
+
+
+class AimdLimit:
+    """Additive increase, multiplicative decrease between ``floor`` and ``ceiling`` (see the module doc)."""
+
+    def __init__(self, floor: int, ceiling: int, initial: int | None = None) -> None:
+        if not 1 <= floor <= ceiling:
+            raise ValueError(f"need 1 <= floor <= ceiling, got floor {floor}, ceiling {ceiling}")
+        self.floor, self.ceiling = floor, ceiling
+        self.limit = float(min(ceiling, max(floor, initial if initial is not None else floor)))
+        self.slow_start = True
+        self._round = 0  # bumped by every cut; a request remembers the round it was admitted in
+        self.cuts = 0
+
+    @property
+    def value(self) -> int:
+        return int(self.limit)
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None:
+        """``latency_s``: the request's time in the model stage; ``budget_s``: its deadline as it entered;
+        ``in_flight``: requests in flight as it left (itself included); ``round_``: the round it entered in."""
+        if latency_s > SLOW_FRACTION * budget_s:
+            if round_ == self._round:
+                self.limit = max(float(self.floor), self.limit * BACKOFF)
+                self.slow_start = False
+                self._round += 1
+                self.cuts += 1
+            return
+        if 2 * in_flight >= self.limit:
+            self.limit = min(float(self.ceiling), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
 
 
 class Gate:
-    """At most ``max_in_flight`` /rerank requests between the door and their answer; the rest get 429."""
+    """The in-flight count against a ``Limit``; ``on_shed`` is called once per request refused for it."""
 
-    def __init__(self, max_in_flight: int, retry_after_s: int, path: bytes = b"/rerank",
-                 on_shed: Callable[[], None] = lambda: None) -> None:
-        self.max_in_flight = max_in_flight
+    def __init__(self, limit: Limit, retry_after_s: int, on_shed: Callable[[], None] = lambda: None) -> None:
+        self.limit = limit
         self.retry_after_s = retry_after_s
-        self.path = path
-        self.on_shed = on_shed  # called once per request refused for the limit, at the door or in the app
-        self.in_flight = 0  # in the handler: from its first line to its answer
-        # Let in by SheddingProtocol, handler not started yet: one loop turn parses every readable socket
-        # before any handler runs, so without this a burst would all pass the door on the same count.
-        self.pending = 0
-        self.response = self._canned()
+        self.on_shed = on_shed
+        self.in_flight = 0
 
     @property
     def full(self) -> bool:
-        """No room for one more: the door's test."""
-        return self.in_flight + self.pending >= self.max_in_flight
+        return self.in_flight >= self.limit.value
 
-    @property
-    def over(self) -> bool:
-        """The handler's test, made after ``enter`` counted the request itself."""
-        return self.in_flight > self.max_in_flight
-
-    def enter(self, scope: Mapping[str, Any]) -> None:
-        """The handler's first line: the request moves from pending (if the door counted it) to in flight.
-        Counting starts before the body is read, so a client that trickles its body holds a slot meanwhile."""
-        if scope.get(PENDING_KEY):
-            self.pending -= 1
+    def try_enter(self) -> int | None:
+        """Take a slot: the round it was taken in (hand it to ``leave``), or None when the gate is full."""
+        if self.full:
+            return None
         self.in_flight += 1
+        return self.limit.round
 
-    def leave(self) -> None:
+    def leave(self, round_: int, latency_s: float | None = None, budget_s: float = math.inf) -> None:
+        """Give the slot back; ``latency_s`` (None: the request never reached the model) feeds the limit."""
+        if latency_s is not None:
+            self.limit.sample(latency_s, budget_s, self.in_flight, round_)
         self.in_flight -= 1
 
-    def message(self) -> str:
-        return f"over capacity: {self.in_flight} requests in flight (max_in_flight {self.max_in_flight}); retry later"
-
-    def _canned(self) -> bytes:
-        body = orjson.dumps({"error": {"code": "overloaded", "message": f"over capacity at the door: "
-                                       f"max_in_flight {self.max_in_flight} requests are in flight; retry later",
-                                       "field": "max_in_flight", "value": self.max_in_flight}})
-        return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
-                b"retry-after: " + str(self.retry_after_s).encode() + b"\r\ncontent-length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body)
+    def refusal(self) -> Overloaded:
+        limit = self.limit.value
+        return Overloaded(f"over capacity: {self.in_flight} requests in flight (limit {limit}); retry later",
+                          "in_flight", limit, headers={"Retry-After": str(self.retry_after_s)})
 
 
-def shedding_protocol(gate: Gate) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, answering 429 from the parser while ``gate`` is full. Only a plain
-    POST to the gated path is shed, and only when no earlier request on the connection is still being
-    answered (responses must stay in order); everything else takes uvicorn's normal path."""
+class Door:
+    """Pure ASGI middleware: a POST to ``path`` while the gate is full gets 429 before routing or reading the
+    body; anything else passes through untouched."""
 
-    class SheddingProtocol(HttpToolsProtocol):
-        shedding = False
+    def __init__(self, app: ASGIApp, gate: Gate, path: str = "/rerank") -> None:
+        self.app, self.gate, self.path = app, gate, path
 
-        def on_headers_complete(self) -> None:
-            # Only a request uvicorn starts at once is the door's business: a pipelined one waits behind an
-            # answer still owed on this connection, and never starts if the connection closes first.
-            idle = (self.cycle is None or self.cycle.response_complete) and not self.pipeline
-            gated = idle and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == gate.path
-            self.shedding = gated and gate.full and not self.expect_100_continue
-            if self.shedding:
-                return
-            super().on_headers_complete()
-            if gated and self.cycle is not None and self.cycle.scope is self.scope:  # started (not an upgrade)
-                cast(dict[str, Any], self.scope)[PENDING_KEY] = True
-                gate.pending += 1
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not self.gate.full or scope["method"] != "POST"
+                or scope["path"] != self.path):
+            await self.app(scope, receive, send)
+            return
+        self.gate.on_shed()
+        exc = self.gate.refusal()
+        body = orjson.dumps(error_body(exc))
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+        if _declared_length(scope) > CLOSE_OVER_BYTES:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
-        def on_body(self, body: bytes) -> None:
-            if not self.shedding:
-                super().on_body(body)
 
-        def on_message_complete(self) -> None:
-            if not self.shedding:
-                super().on_message_complete()
-                return
-            self.shedding = False
-            gate.on_shed()
-            self.transport.write(gate.response)
-            if not self.parser.should_keep_alive():
-                self.transport.close()
-            else:  # as after any answer: an idle keep-alive connection closes after timeout_keep_alive
-                self._unset_keepalive_if_required()
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                    self.timeout_keep_alive_handler)
-
-    return SheddingProtocol
-
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+        if name == b"transfer-encoding":  # chunked: size unknown, treat as large
+            return CLOSE_OVER_BYTES + 1
+    return 0

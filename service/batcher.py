@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -41,9 +41,9 @@ class BatcherClosed(Exception):
 class _Pending(Generic[T, R]):
     item: T
     cost: int
-    deadline: float  # time.monotonic() seconds
+    deadline: float  # on the batcher's clock (time.monotonic by default)
     future: asyncio.Future[R]
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float
 
 
 @dataclass
@@ -55,16 +55,21 @@ class BatchStats:
     queue_waits_s: list[float]
     expired: int
     run_s: float
-    late: int = 0  # rows whose deadline passed between ``_collect`` (which drops expired ones) and the run
+    late: int = 0  # requests whose deadline passed between ``_collect`` and the worker thread's start: dropped
 
 
 class Batcher(Generic[T, R]):
-    """Collects concurrent ``submit`` calls into batches for ``process`` (run in one worker thread)."""
+    """Collects concurrent ``submit`` calls into batches for ``process`` (run in one worker thread).
+
+    No request reaches ``process`` after its deadline: ``_collect`` drops expired ones, and the worker thread
+    checks again as the batch starts (the hand-off to the thread can take longer than a deadline's rest)."""
 
     def __init__(self, process: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_batch_cost: int,
                  max_wait_ms: float, max_queue_size: int, on_batch: Callable[[BatchStats], None] | None = None,
-                 inline_when_idle: bool = False, inline_max_ms: float = 5.0) -> None:
+                 inline_when_idle: bool = False, inline_max_ms: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.process = process
+        self.clock = clock  # deadlines are on this clock; tests inject their own
         # Nothing queued and nothing running: run the lone request on the caller's thread, not the worker's.
         # The hop to the worker thread and back costs more than a batch-1 model call; while the call runs the
         # event loop waits, so it is only taken when nothing else is waiting for the model, and only while a
@@ -98,15 +103,13 @@ class Batcher(Generic[T, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
-    async def submit(self, item: T, deadline: float, cost: int = 1) -> R:
-        """Queue ``item`` and wait for its result. Raises ``QueueFull`` at once when full,
-        ``DeadlineExceeded`` if it expired before running, or whatever ``process`` raised for its batch."""
-        return await self.enqueue(item, deadline, cost)  # a cancelled caller cancels the future; the loop skips it
-
-    def enqueue(self, item: T, deadline: float, cost: int = 1, alone: bool = False) -> asyncio.Future[R]:
-        """``submit`` without the coroutine: the future itself, so a caller can bound the wait with
-        ``asyncio.wait_for`` without wrapping it in a task (measured: a task per request costs the event loop
-        more than the rest of the batcher). Cancelling the future withdraws the request.
+    def submit(self, item: T, deadline: float, cost: int = 1, alone: bool = False) -> asyncio.Future[R]:
+        """Queue ``item``; await the returned future for its result. Raises ``QueueFull`` at once when full
+        and ``BatcherClosed`` while draining; the future raises ``DeadlineExceeded`` if the deadline passed
+        before the request reached the model, or whatever ``process`` raised for its batch. A future, not a
+        coroutine, so a caller can bound the wait with ``asyncio.wait_for`` without wrapping it in a task
+        (measured: a task per request costs the event loop more than the rest of the batcher). Cancelling
+        the future withdraws the request.
 
         ``alone``: the caller knows no other request is on its way (the app: none in flight or parsed at the
         door). Only then may the request run inline: a model call on the event loop blocks it, so requests
@@ -122,13 +125,13 @@ class Batcher(Generic[T, R]):
                 and self.solo_run_s <= self.inline_max_s):
             self._run_inline(item, cost, deadline, future)
             return future
-        self._queue.append(_Pending(item, cost, deadline, future))
+        self._queue.append(_Pending(item, cost, deadline, future, self.clock()))
         self._wakeup.set()
         return future
 
     def _run_inline(self, item: T, cost: int, deadline: float, future: asyncio.Future[R]) -> None:
         """The one-request fast path: ``process`` on this thread, the future settled before it is returned."""
-        started = time.monotonic()
+        started = self.clock()
         if deadline <= started:
             future.set_exception(DeadlineExceeded("deadline passed before the request reached the model"))
             self._report(BatchStats(0, 0, [], 1, 0.0))
@@ -143,7 +146,7 @@ class Batcher(Generic[T, R]):
             future.set_exception(exc)
         finally:
             self._running = 0
-        self._report(BatchStats(1, cost, [0.0], 0, time.monotonic() - started))
+        self._report(BatchStats(1, cost, [0.0], 0, self.clock() - started))
 
     async def _loop(self) -> None:
         while True:
@@ -162,9 +165,9 @@ class Batcher(Generic[T, R]):
         """Take live requests up to the limits; expired ones are answered here and never run."""
         batch: list[_Pending[T, R]] = []
         cost, expired = 0, 0
-        first_at = time.monotonic()
+        first_at = self.clock()
         while True:
-            now = time.monotonic()
+            now = self.clock()
             while self._queue and len(batch) < self.max_batch_size:
                 head = self._queue[0]
                 if batch and cost + head.cost > self.max_batch_cost:
@@ -178,35 +181,46 @@ class Batcher(Generic[T, R]):
                     continue
                 batch.append(head)
                 cost += head.cost
-            remaining = first_at + self.max_wait_s - time.monotonic()
+            remaining = first_at + self.max_wait_s - self.clock()
             if len(batch) >= self.max_batch_size or remaining <= 0 or not batch:
                 return batch, expired
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
+    def _process_live(self, batch: list[_Pending[T, R]]) -> tuple[list[_Pending[T, R]], Sequence[R], float]:
+        """In the worker thread: the requests still inside their deadline now, their results, and when the run
+        started. The others never reach ``process``."""
+        started = self.clock()
+        live = [p for p in batch if p.deadline > started]
+        return live, self.process([p.item for p in live]) if live else [], started
+
     async def _run(self, batch: list[_Pending[T, R]], expired: int) -> None:
-        started = time.monotonic()
-        waits = [started - p.enqueued for p in batch]
-        late = sum(p.deadline <= started for p in batch)
         self._running = len(batch)
+        live: list[_Pending[T, R]] = batch
+        started = self.clock()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.process, [p.item for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
+            live, results, started = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._process_live, batch)
+            if len(results) != len(live):
+                raise RuntimeError(f"process returned {len(results)} results for {len(live)} requests")
         except Exception as exc:  # one batch failure goes to every caller; the loop lives on
-            for p in batch:
+            for p in live:
                 if not p.future.done():
                     p.future.set_exception(exc)
         else:
-            for p, result in zip(batch, results, strict=True):
+            for p, result in zip(live, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
         finally:
             self._running = 0
-        self._report(BatchStats(len(batch), sum(p.cost for p in batch), waits, expired,
-                                time.monotonic() - started, late))
+        late = len(batch) - len(live)
+        if late:
+            for p in batch:
+                if not p.future.done():  # not in ``live``: dropped as the batch started
+                    p.future.set_exception(DeadlineExceeded("deadline passed before its batch started"))
+        self._report(BatchStats(len(live), sum(p.cost for p in live), [started - p.enqueued for p in live],
+                                expired, self.clock() - started, late))
 
     def _report(self, stats: BatchStats) -> None:
         if stats.size == 1:

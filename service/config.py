@@ -42,9 +42,18 @@ class Settings(BaseSettings):
         "with no other request in flight, nothing queued or running and max_wait_ms 0, run the model call on the "
         "event loop instead of handing it to the batch thread (off: no gain measured at one connection)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
-    max_in_flight: int = Field(64, ge=1, description=(
-        "/rerank requests being answered at once by the whole service (each of N workers admits 1/N of them); "
-        "more get 429 straight away (see service/admission.py)"))
+    admission: Literal["adaptive", "fixed"] = Field("adaptive", description=(
+        "adaptive = the in-flight limit follows the model stage's latency against each request's deadline "
+        "(AIMD between min_in_flight and max_in_flight); fixed = max_in_flight (see service/admission.py)"))
+    admission_door: Literal["asgi", "parser"] = Field("asgi", description=(
+        "where a refusal is answered: asgi = a middleware before routing (any uvicorn); parser = from uvicorn's "
+        "HTTP parser, about 4x cheaper per 429, written for uvicorn 0.54 only (service/parser_door.py)"))
+    max_in_flight: int = Field(256, ge=1, description=(
+        "/rerank requests being answered at once by the whole service: the ceiling of the adaptive limit, or "
+        "the limit itself with admission=fixed (each of N workers admits 1/N); more get 429 at once"))
+    min_in_flight: int = Field(8, ge=1, description="floor of the adaptive limit, for the whole service")
+    body_timeout_ms: float = Field(1000.0, gt=0, description=(
+        "a /rerank body must arrive within this long, else 408; a request holds no admission slot meanwhile"))
 
     # --- features
     redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")
@@ -76,10 +85,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _timeouts(self) -> Settings:
+    def _ranges(self) -> Settings:
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(f"default_timeout_ms {self.default_timeout_ms} exceeds max_timeout_ms "
                              f"{self.max_timeout_ms}")
+        if self.admission == "adaptive" and self.min_in_flight > self.max_in_flight:
+            raise ValueError(f"min_in_flight {self.min_in_flight} exceeds max_in_flight {self.max_in_flight}")
         return self
 
     def resolved_max_wait_ms(self, on_gpu: bool) -> float:

@@ -47,6 +47,10 @@ class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
@@ -77,10 +81,15 @@ def short(value: Any) -> Any:
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
 
 
-def error_response(exc: ServiceError, request_id: str | None = None) -> Response:
+def error_body(exc: ServiceError, request_id: str | None = None) -> dict[str, Any]:
+    """The one error body: ``{"error": {"code", "message", "field", "value"}}`` (and the request id if known)."""
     body: dict[str, Any] = {"error": {"code": exc.code, "message": exc.message, "field": exc.field,
                                       "value": short(exc.value)}}
     if request_id:
         body["request_id"] = request_id
-    return Response(orjson.dumps(body), status_code=exc.status, media_type="application/json",
+    return body
+
+
+def error_response(exc: ServiceError, request_id: str | None = None) -> Response:
+    return Response(orjson.dumps(error_body(exc, request_id)), status_code=exc.status, media_type="application/json",
                     headers=exc.headers)

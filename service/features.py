@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,9 +61,10 @@ class CircuitBreaker:
     """closed -> (``failures`` consecutive errors) -> open -> (``reset_s``) -> half-open: one trial call;
     success closes, failure re-opens. ``allow()`` says whether to try the dependency at all."""
 
-    def __init__(self, failures: int, reset_s: float) -> None:
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = failures
         self.reset_s = reset_s
+        self.clock = clock
         self.consecutive = 0
         self.opened_at: float | None = None
         self._trial = False
@@ -72,7 +73,7 @@ class CircuitBreaker:
     def state(self) -> Literal["closed", "open", "half_open"]:
         if self.opened_at is None:
             return "closed"
-        return "half_open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+        return "half_open" if self.clock() - self.opened_at >= self.reset_s else "open"
 
     def allow(self) -> bool:
         state = self.state
@@ -91,23 +92,24 @@ class CircuitBreaker:
     def failure(self) -> None:
         self.consecutive += 1
         if self._trial or self.consecutive >= self.threshold:
-            self.opened_at = time.monotonic()
+            self.opened_at = self.clock()
         self._trial = False
 
 
 class TTLCache:
     """A bounded LRU dict whose entries expire ``ttl_s`` after they were put."""
 
-    def __init__(self, size: int, ttl_s: float) -> None:
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.ttl_s = ttl_s
+        self.clock = clock
         self._data: collections.OrderedDict[str, tuple[float, UserFeatures]] = collections.OrderedDict()
 
     def get(self, key: str) -> UserFeatures | None:
         entry = self._data.get(key)
         if entry is None:
             return None
-        if entry[0] <= time.monotonic():
+        if entry[0] <= self.clock():
             del self._data[key]
             return None
         self._data.move_to_end(key)
@@ -116,7 +118,7 @@ class TTLCache:
     def put(self, key: str, value: UserFeatures) -> None:
         if self.size <= 0 or self.ttl_s <= 0:
             return
-        self._data[key] = (time.monotonic() + self.ttl_s, value)
+        self._data[key] = (self.clock() + self.ttl_s, value)
         self._data.move_to_end(key)
         while len(self._data) > self.size:
             self._data.popitem(last=False)
@@ -132,11 +134,11 @@ class FeatureStore:
     """Looks up a user's features; reports which layer answered and whether Redis failed."""
 
     def __init__(self, redis_client: aioredis.Redis | None, *, timeout_ms: float, ttl_s: int, cache_size: int,
-                 cache_ttl_s: float, breaker: CircuitBreaker) -> None:
+                 cache_ttl_s: float, breaker: CircuitBreaker, clock: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis_client
         self.timeout_s = timeout_ms / 1000.0
         self.ttl_s = ttl_s
-        self.cache = TTLCache(cache_size, cache_ttl_s)
+        self.cache = TTLCache(cache_size, cache_ttl_s, clock)
         self.breaker = breaker
         self.snapshot: dict[str, UserFeatures] = {}
         self._backfills: set[asyncio.Task[None]] = set()

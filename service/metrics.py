@@ -58,8 +58,10 @@ class Metrics:
         self.rejections = Counter("rerank_rejections_total", "Requests refused", ["reason"], registry=r)
         self.expired = Counter("rerank_deadline_expired_total", "Requests dropped before the model (deadline)",
                                registry=r)
-        self.late_starts = Counter("rerank_late_starts_total", "Requests whose deadline passed between batch "
-                                   "collection (which drops expired ones) and the batch's start", registry=r)
+        self.late_starts = Counter("rerank_late_starts_total", "Requests dropped as their batch started in the "
+                                   "worker thread: the deadline passed after batch collection", registry=r)
+        self.admission_limit = Gauge("rerank_admission_limit", "The in-flight limit admission holds now "
+                                     "(summed over workers)", registry=r, multiprocess_mode="livesum")
         # A gauge rather than an Info (which multiprocess mode cannot collect): 1 on the served version's labels.
         self.model_info = Gauge("rerank_model_info", "The model version being served (1)", ["providers", "version"],
                                 registry=r, multiprocess_mode="livemax")

@@ -7,29 +7,24 @@ in, scores out, one row per request. Does not know: asyncio, HTTP, Redis or batc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from service.manifest import Manifest, ModelError
+
 log = logging.getLogger("rerank.model")
 
-FORMAT = "dnr-reranker/v1"
 # What this service feeds: name -> ONNX Runtime type string. A model that wants anything else is refused.
 EXPECTED_INPUTS = {"items": "tensor(int64)", "scores": "tensor(float)", "mask": "tensor(bool)",
                    "history": "tensor(int64)", "profile": "tensor(int64)"}
 EXPECTED_OUTPUT = ("logits", "tensor(float)")
-
-
-class ModelError(RuntimeError):
-    """The model folder does not match its contract; the message says which part."""
 
 
 @dataclass(frozen=True)
@@ -63,41 +58,6 @@ class Ranked:
     version: str  # the model version that ranked it
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Load ``manifest.json`` and check format, checksums and the fields the service relies on."""
-    path = folder / "manifest.json"
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no manifest") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{path}: format {manifest.get('format')!r}, this service reads {FORMAT!r}")
-    for key in ("version", "graph", "max_candidates", "history_len", "score_range", "items", "profile_fields",
-                "files"):
-        if key not in manifest:
-            raise ModelError(f"{path}: missing key {key!r}")
-    for name, meta in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise ModelError(f"{file}: listed in the manifest but missing")
-        if sha256(file) != meta.get("sha256"):
-            raise ModelError(f"{file}: sha256 does not match the manifest")
-    for name in (manifest["graph"]["file"], manifest["items"]["file"]):
-        if name not in manifest["files"]:
-            raise ModelError(f"{path}: {name} has no checksum in the manifest")
-    return manifest
-
-
 def resolve_providers(choice: str) -> list[str]:
     """'cuda' and 'auto' ask for CUDA first when this onnxruntime build has it; CPU is always last."""
     available = ort.get_available_providers()
@@ -113,20 +73,18 @@ class RerankModel:
 
     def __init__(self, folder: Path, providers: str = "auto", intra_op_threads: int = 0) -> None:
         self.folder = folder
-        self.manifest = read_manifest(folder)
-        m = self.manifest
-        self.version: str = m["version"]
-        self.max_candidates: int = int(m["max_candidates"])
-        self.history_len: int = int(m["history_len"])
-        self.score_range = (float(m["score_range"][0]), float(m["score_range"][1]))
-        raw_ids = json.loads((folder / m["items"]["file"]).read_text())
-        if len(raw_ids) != m["items"]["count"]:
-            raise ModelError(f"{folder}: items file has {len(raw_ids)} ids, manifest says {m['items']['count']}")
-        first = int(m["items"]["first_index"])
-        self.oov_index = int(m["items"]["oov_index"])
-        self.item_index = {str(raw): i + first for i, raw in enumerate(raw_ids)}
-        self.profile_fields = [f["name"] for f in m["profile_fields"]]
-        self.profile_index = [{str(v): i + 1 for i, v in enumerate(f["vocab"])} for f in m["profile_fields"]]
+        self.manifest = m = Manifest.read(folder)
+        self.version = m.version
+        self.max_candidates = m.max_candidates
+        self.history_len = m.history_len
+        self.score_range = m.score_range
+        raw_ids = json.loads((folder / m.items.file).read_text())
+        if len(raw_ids) != m.items.count:
+            raise ModelError(f"{folder}: items file has {len(raw_ids)} ids, manifest says {m.items.count}")
+        self.oov_index = m.items.oov_index
+        self.item_index = {str(raw): i + m.items.first_index for i, raw in enumerate(raw_ids)}
+        self.profile_fields = [f.name for f in m.profile_fields]
+        self.profile_index = [{v: i + 1 for i, v in enumerate(f.vocab)} for f in m.profile_fields]
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -136,14 +94,14 @@ class RerankModel:
         # cores the HTTP path needs (measured: +19% saturated throughput without it on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(folder / m["graph"]["file"]), options,
+            self.session = ort.InferenceSession(str(folder / m.graph.file), options,
                                                 providers=resolve_providers(providers))
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-            raise ModelError(f"{folder / m['graph']['file']}: ONNX Runtime refused the graph ({exc})") from None
+            raise ModelError(f"{folder / m.graph.file}: ONNX Runtime refused the graph ({exc})") from None
         got = {i.name: i.type for i in self.session.get_inputs()}
         if got != EXPECTED_INPUTS:
             raise ModelError(f"{folder}: graph inputs {got} differ from what the service feeds {EXPECTED_INPUTS}")
-        declared = [i.get("name") for i in m["graph"].get("inputs", [])]
+        declared = [t.name for t in m.graph.inputs]
         if declared != list(got):
             raise ModelError(f"{folder}: the manifest declares inputs {declared}, the graph has {list(got)}: "
                              "mismatched artifacts")

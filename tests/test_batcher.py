@@ -1,10 +1,10 @@
-"""Batcher logic with a fake process gated on a threading.Event (it runs in the worker thread)."""
+"""Batcher logic with a fake process gated on a threading.Event (it runs in the worker thread) and a fake clock:
+no assert depends on how fast this machine runs."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Sequence
 
 import pytest
@@ -31,8 +31,25 @@ class Gate:
         return [f"done:{i}" for i in items]
 
 
+class Clock:
+    """The batcher's clock, moved by hand. ``thread_skew``: what the worker thread reads on top, as if the
+    hand-off to it had taken that long."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.thread_skew = 0.0
+
+    def __call__(self) -> float:
+        if threading.current_thread().name.startswith("batcher"):
+            return self.now + self.thread_skew
+        return self.now
+
+
+CLOCK = Clock()
+
+
 def deadline(seconds: float = FAR) -> float:
-    return time.monotonic() + seconds
+    return CLOCK.now + seconds
 
 
 async def wait_entered(gate: Gate) -> None:
@@ -43,7 +60,7 @@ async def wait_entered(gate: Gate) -> None:
 def make(gate: Gate, **kwargs: float) -> Batcher[str, str]:
     opts = {"max_batch_size": 4, "max_batch_cost": 1000, "max_wait_ms": 0.0, "max_queue_size": 100}
     opts.update(kwargs)
-    b: Batcher[str, str] = Batcher(gate, **opts)  # type: ignore[arg-type]
+    b: Batcher[str, str] = Batcher(gate, clock=CLOCK, **opts)  # type: ignore[arg-type]
     b.start()
     return b
 
@@ -51,10 +68,9 @@ def make(gate: Gate, **kwargs: float) -> Batcher[str, str]:
 async def test_size_trigger_splits_what_queued_during_a_batch() -> None:
     gate = Gate()
     b = make(gate)
-    first = asyncio.create_task(b.submit("a0", deadline()))
+    first = b.submit("a0", deadline())
     await wait_entered(gate)  # a0 runs alone; the rest queue behind it
-    rest = [asyncio.create_task(b.submit(f"a{i}", deadline())) for i in range(1, 10)]
-    await asyncio.sleep(0.01)
+    rest = [b.submit(f"a{i}", deadline()) for i in range(1, 10)]
     assert b.depth == 9
     gate.open.set()
     results = await asyncio.gather(first, *rest)
@@ -68,7 +84,7 @@ async def test_cost_limit_splits_batches() -> None:
     gate.open.set()
     b = make(gate, max_batch_size=100, max_batch_cost=100)
     # Queue three requests of cost 50 before the loop runs: two fit in one batch, the third waits.
-    tasks = [asyncio.create_task(b.submit(f"c{i}", deadline(), cost=50)) for i in range(3)]
+    tasks = [b.submit(f"c{i}", deadline(), cost=50) for i in range(3)]
     await asyncio.gather(*tasks)
     assert [len(x) for x in gate.batches] == [2, 1]
     await b.close()
@@ -78,9 +94,11 @@ async def test_wait_trigger_gathers_late_arrivals() -> None:
     gate = Gate()
     gate.open.set()
     b = make(gate, max_batch_size=10, max_wait_ms=300.0)
-    t1 = asyncio.create_task(b.submit("w1", deadline()))
-    await asyncio.sleep(0.02)  # well inside the 300 ms wait
-    t2 = asyncio.create_task(b.submit("w2", deadline()))
+    t1 = b.submit("w1", deadline())
+    await asyncio.sleep(0.05)  # any real time: on the batcher's clock no time passes, so it waits on
+    assert gate.batches == []
+    t2 = b.submit("w2", deadline())
+    CLOCK.now += 0.3  # the wait is over once w2 is in
     await asyncio.gather(t1, t2)
     assert gate.batches == [["w1", "w2"]]
     await b.close()
@@ -99,14 +117,11 @@ async def test_no_wait_on_cpu_runs_alone() -> None:
 async def test_full_queue_refuses_at_once() -> None:
     gate = Gate()
     b = make(gate, max_queue_size=2)
-    running = asyncio.create_task(b.submit("r0", deadline()))
+    running = b.submit("r0", deadline())
     await wait_entered(gate)
-    queued = [asyncio.create_task(b.submit(f"q{i}", deadline())) for i in range(2)]
-    await asyncio.sleep(0.01)
-    t0 = time.perf_counter()
-    with pytest.raises(QueueFull, match="max_queue_size 2"):
-        await b.submit("overflow", deadline())
-    assert time.perf_counter() - t0 < 0.05
+    queued = [b.submit(f"q{i}", deadline()) for i in range(2)]
+    with pytest.raises(QueueFull, match="max_queue_size 2"):  # at once: raised by submit itself, not its future
+        b.submit("overflow", deadline())
     gate.open.set()
     await asyncio.gather(running, *queued)
     assert all("overflow" not in batch for batch in gate.batches)
@@ -117,31 +132,59 @@ async def test_expired_request_never_reaches_the_model() -> None:
     gate = Gate()
     stats: list[BatchStats] = []
     b: Batcher[str, str] = Batcher(gate, max_batch_size=4, max_batch_cost=100, max_wait_ms=0.0,
-                                   max_queue_size=10, on_batch=stats.append)
+                                   max_queue_size=10, on_batch=stats.append, clock=CLOCK)
     b.start()
-    running = asyncio.create_task(b.submit("slow", deadline()))
+    running = b.submit("slow", deadline())
     await wait_entered(gate)
-    late = asyncio.create_task(b.submit("late", deadline(0.02)))
-    fine = asyncio.create_task(b.submit("fine", deadline()))
-    await asyncio.sleep(0.05)  # "late" expires while queued
+    late = b.submit("late", deadline(0.02))
+    fine = b.submit("fine", deadline())
+    CLOCK.now += 0.05  # "late" expires while queued
     gate.open.set()
     with pytest.raises(DeadlineExceeded):
         await late
     assert await running == "done:slow" and await fine == "done:fine"
     assert not any("late" in batch for batch in gate.batches)
     assert sum(s.expired for s in stats) == 1
-    assert sum(s.late for s in stats) == 0  # what rerank_late_starts_total counts: nothing started late
+    assert sum(s.late for s in stats) == 0  # dropped in the queue, not as a batch started
+    await b.close()
+
+
+async def test_a_deadline_that_passes_during_the_hand_off_to_the_thread_never_reaches_the_model() -> None:
+    """``_collect`` saw it alive; the worker thread, starting the batch 0.5 s later on the clock, drops it."""
+    gate = Gate()
+    gate.open.set()
+    stats: list[BatchStats] = []
+    b: Batcher[str, str] = Batcher(gate, max_batch_size=4, max_batch_cost=100, max_wait_ms=0.0,
+                                   max_queue_size=10, on_batch=stats.append, clock=CLOCK)
+    b.start()
+    CLOCK.thread_skew = 0.5
+    try:
+        late, fine = b.submit("late", deadline(0.2)), b.submit("fine", deadline(1.0))
+        assert await fine == "done:fine"
+        with pytest.raises(DeadlineExceeded, match="before its batch started"):
+            await late
+    finally:
+        CLOCK.thread_skew = 0.0
+    assert gate.batches == [["fine"]]
+    assert [(s.size, s.late, s.expired) for s in stats] == [(1, 1, 0)]
+    all_late = b.submit("gone", deadline(0.2))
+    CLOCK.thread_skew = 0.5
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await all_late
+    finally:
+        CLOCK.thread_skew = 0.0
+    assert gate.batches == [["fine"]] and stats[-1].late == 1  # a batch with nothing alive calls nothing
     await b.close()
 
 
 async def test_cancelled_caller_is_skipped() -> None:
     gate = Gate()
     b = make(gate)
-    running = asyncio.create_task(b.submit("first", deadline()))
+    running = b.submit("first", deadline())
     await wait_entered(gate)
-    gone = asyncio.create_task(b.submit("gone", deadline()))
-    kept = asyncio.create_task(b.submit("kept", deadline()))
-    await asyncio.sleep(0.01)
+    gone = b.submit("gone", deadline())
+    kept = b.submit("kept", deadline())
     gone.cancel()
     gate.open.set()
     assert await kept == "done:kept" and await running == "done:first"
@@ -153,10 +196,9 @@ async def test_cancelled_caller_is_skipped() -> None:
 async def test_batch_failure_reaches_every_caller_and_the_loop_lives_on() -> None:
     gate = Gate()
     b = make(gate)
-    running = asyncio.create_task(b.submit("first", deadline()))
+    running = b.submit("first", deadline())
     await wait_entered(gate)
-    doomed = [asyncio.create_task(b.submit(x, deadline())) for x in ("boom", "bystander")]
-    await asyncio.sleep(0.01)
+    doomed = [b.submit(x, deadline()) for x in ("boom", "bystander")]
     gate.open.set()
     await running
     for task in doomed:
@@ -169,12 +211,12 @@ async def test_batch_failure_reaches_every_caller_and_the_loop_lives_on() -> Non
 async def test_close_drains_queued_requests_then_refuses() -> None:
     gate = Gate()
     b = make(gate)
-    running = asyncio.create_task(b.submit("r", deadline()))
+    running = b.submit("r", deadline())
     await wait_entered(gate)
-    queued = [asyncio.create_task(b.submit(f"q{i}", deadline())) for i in range(3)]
-    await asyncio.sleep(0.01)
+    queued = [b.submit(f"q{i}", deadline()) for i in range(3)]
+    await asyncio.sleep(0)
     closing = asyncio.create_task(b.close())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
     with pytest.raises(BatcherClosed):
         await b.submit("late", deadline())
     gate.open.set()
@@ -192,26 +234,26 @@ async def test_a_lone_request_runs_inline_when_nothing_is_queued_or_running() ->
         return [f"done:{i}" for i in items]
 
     b: Batcher[str, str] = Batcher(process, max_batch_size=4, max_batch_cost=1000, max_wait_ms=0.0,
-                                   max_queue_size=100, on_batch=stats.append, inline_when_idle=True,
+                                   max_queue_size=100, on_batch=stats.append, inline_when_idle=True, clock=CLOCK,
                                    inline_max_ms=60_000)  # any lone call counts as fast: no wall-clock assert
     b.start()
     # Until a lone request has run (on the worker thread), its cost is unknown: no inline yet.
-    first = b.enqueue("first", deadline())
+    first = b.submit("first", deadline())
     assert not first.done() and await first == "done:first" and threads[0] != threading.get_ident()
     assert b.solo_run_s == stats[0].run_s
-    queued = b.enqueue("not alone", deadline())  # the caller knows of other requests on their way: no inline
+    queued = b.submit("not alone", deadline())  # the caller knows of other requests on their way: no inline
     assert not queued.done() and await queued == "done:not alone" and threads[1] != threading.get_ident()
     threads.pop()
     stats.pop()
-    future = b.enqueue("a", deadline(), alone=True)
+    future = b.submit("a", deadline(), alone=True)
     assert future.done() and future.result() == "done:a"  # settled before enqueue returned: no thread hop
     assert threads[1:] == [threading.get_ident()] and (stats[1].size, stats[1].queue_waits_s) == (1, [0.0])
-    expired = b.enqueue("late", time.monotonic() - 1, alone=True)
+    expired = b.submit("late", CLOCK.now - 1, alone=True)
     assert isinstance(expired.exception(), DeadlineExceeded) and threads[1:] == [threading.get_ident()]
     # A model slower than the hop it saves (a moving average of lone requests over inline_max_ms) goes back
     # to the worker thread, so a slow call does not hold the event loop.
     b.solo_run_s = 61.0
-    slow = b.enqueue("b", deadline(), alone=True)
+    slow = b.submit("b", deadline(), alone=True)
     assert not slow.done() and await slow == "done:b" and threads[-1] != threading.get_ident()
     await b.close()
 
@@ -219,17 +261,17 @@ async def test_a_lone_request_runs_inline_when_nothing_is_queued_or_running() ->
 async def test_inline_is_skipped_while_a_batch_runs_or_when_batches_wait_to_fill() -> None:
     gate = Gate()
     b = make(gate)
-    first = asyncio.create_task(b.submit("a0", deadline()))  # inline off: a0 goes to the worker thread
+    first = b.submit("a0", deadline())  # inline off: a0 goes to the worker thread
     await wait_entered(gate)
     b.inline_when_idle = True
-    second = b.enqueue("a1", deadline(), alone=True)
+    second = b.submit("a1", deadline(), alone=True)
     assert not second.done() and b.depth == 1  # a batch is running: a1 queues behind it
     gate.open.set()
     assert await first == "done:a0" and await second == "done:a1"
     await b.close()
     waiting = make(Gate(), max_wait_ms=2.0)
     waiting.inline_when_idle = True
-    queued = waiting.enqueue("b0", deadline(), alone=True)
+    queued = waiting.submit("b0", deadline(), alone=True)
     assert not queued.done()  # batching that waits for a batch to fill (the GPU default) never runs inline
     queued.cancel()
     await waiting.close()

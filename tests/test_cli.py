@@ -13,6 +13,7 @@ from training import evaluate
 from training.__main__ import main
 
 
+@pytest.mark.slow
 def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: tuple[Path, Path, Path],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     ratings, users, items = synthetic_files
@@ -88,6 +89,7 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     assert "missing_runs.csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_interrupted_pipeline_resumes_from_the_run_cache(tmp_path: Path,
                                                            synthetic_files: tuple[Path, Path, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,6 +132,7 @@ def test_unknown_variant_exits_2(synthetic_files: tuple[Path, Path, Path], capsy
     assert "unknown variant(s) ['prm-magic']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic_files: tuple[Path, Path, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     ratings, users, items = synthetic_files

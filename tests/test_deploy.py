@@ -159,3 +159,18 @@ def test_k8s_deployment_probes_ports_and_termination() -> None:
     target = k8s("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert k8s("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2  # the PDB can then allow one down
+
+
+def test_the_docs_name_only_real_settings_and_env_example_lists_every_one() -> None:
+    for doc in ("README.md", ".env.example"):
+        named = set(re.findall(r"RERANK_[A-Z_]*[A-Z]", (ROOT / doc).read_text())) - {"RERANK_TEST_MODELS"}
+        assert named <= SETTING_VARS, (doc, sorted(named - SETTING_VARS))
+    listed = set(re.findall(r"^(RERANK_[A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert listed == SETTING_VARS, sorted(SETTING_VARS ^ listed)
+
+
+def test_the_readme_lists_every_fallback_reason() -> None:
+    from service.app import FALLBACK_REASONS
+
+    text = (ROOT / "README.md").read_text()
+    assert all(f"`{reason}`" in text for reason in FALLBACK_REASONS)

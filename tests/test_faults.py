@@ -1,7 +1,8 @@
-"""The fault suite's fast scenarios, in CI: hostile input, a short Redis kill/restart, a short reload series.
+"""The fault suite's fast scenarios, in CI: hostile input, a short Redis kill/restart, a short reload series and
+slow senders.
 
 Each runs the real `python -m service` process and a real redis-server, with load from a second process;
-``make faults`` runs all six at full length and writes reports/reliability.md.
+``make faults`` runs all seven at full length and writes reports/reliability.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 from loadtest import faults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", faults.QUICK)
 def test_quick_fault_scenario_passes_every_check(name: str, model_root: Path) -> None:
     (result,) = faults.run([name], model_root, quick=True)

@@ -57,8 +57,10 @@ def public_pip_env(venv: Path) -> dict[str, str]:
     return env | {"PIP_CONFIG_FILE": os.devnull, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
 
 
-@pytest.mark.slow
-def test_image_install_replayed_from_the_public_index_serves_a_model(model_root: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv holding what the image's install step installs, from the public index."""
+    tmp_path = tmp_path_factory.mktemp("image")
     stage = runtime_stage((ROOT / "Dockerfile").read_text())
     install = re.search(r"^RUN sh install\.sh \"\$RUNTIME\"", stage, re.M)
     assert install, "the runtime stage no longer installs through deploy/install.sh: update this replay"
@@ -67,11 +69,16 @@ def test_image_install_replayed_from_the_public_index_serves_a_model(model_root:
     replay_context(stage, context)
     assert (context / "install.sh").read_bytes() == (ROOT / "deploy" / "install.sh").read_bytes()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = public_pip_env(venv)
-    done = subprocess.run(["sh", "install.sh", "cpu"], cwd=context, env=env, capture_output=True, text=True,
-                          timeout=INSTALL_TIMEOUT_S)
+    done = subprocess.run(["sh", "install.sh", "cpu"], cwd=context, env=public_pip_env(venv), capture_output=True,
+                          text=True, timeout=INSTALL_TIMEOUT_S)
     assert done.returncode == 0, f"install.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return venv
 
+
+@pytest.mark.slow
+def test_image_install_replayed_from_the_public_index_serves_a_model(image_venv: Path, model_root: Path,
+                                                                     tmp_path: Path) -> None:
+    venv, env = image_venv, public_pip_env(image_venv)
     # What landed: the lock's versions (onnxruntime the one the GPU image gets too), the project, and no torch.
     python = str(venv / "bin" / "python")
     lock = {canonicalize_name(p["name"]): p["version"]
@@ -122,3 +129,33 @@ def test_image_install_replayed_from_the_public_index_serves_a_model(model_root:
     # uvicorn re-raises the signal once it has shut down gracefully, so a drained exit reads as -SIGTERM.
     text = (tmp_path / "service.log").read_text()
     assert code in (0, -signal.SIGTERM) and "drained and stopped" in text, (code, text)
+
+
+# The service's own tests, in the image's environment plus the test tools: no torch, no pandas, no training
+# package on the path, the models trained by this session (RERANK_TEST_MODELS).
+SERVICE_TESTS = ["tests/test_admission.py", "tests/test_app.py", "tests/test_batcher.py", "tests/test_config.py",
+                 "tests/test_features.py", "tests/test_serving_model.py"]
+TEST_TOOLS = ["pytest", "pytest-asyncio", "httpx"]
+
+
+@pytest.mark.slow
+def test_the_service_tests_pass_without_torch(image_venv: Path, model_root: Path, tmp_path: Path) -> None:
+    env = public_pip_env(image_venv)
+    python = str(image_venv / "bin" / "python")
+    done = subprocess.run([python, "-m", "pip", "install", "--quiet", *TEST_TOOLS], env=env, capture_output=True,
+                          text=True, timeout=INSTALL_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The checkout's service/ and tests/ (cwd), the image's packages; training/ is hidden from the path.
+    sandbox = tmp_path / "checkout"
+    for name in ("service", "tests", "loadtest"):
+        shutil.copytree(ROOT / name, sandbox / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", ".env.example", "README.md"):
+        shutil.copy2(ROOT / name, sandbox / name)
+    run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SERVICE_TESTS], cwd=sandbox,
+                         env=env | {"RERANK_TEST_MODELS": str(model_root)}, capture_output=True, text=True,
+                         timeout=INSTALL_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", run.stdout) and "skipped" not in run.stdout, run.stdout[-2000:]
+    probe = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('torch'), "
+                            "u.find_spec('training'))"], cwd=sandbox, env=env, capture_output=True, text=True)
+    assert probe.stdout.split() == ["None", "None"], probe.stdout

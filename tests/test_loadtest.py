@@ -83,6 +83,7 @@ def test_naive_server_ranks_like_the_exported_model(model_root: Path) -> None:
 # ---------------------------------------------------------------------------------------------- locust
 
 
+@pytest.mark.slow
 def test_locust_steady_run_against_the_real_service(model_root: Path, tmp_path: Path) -> None:
     with ServiceThread(service_settings(model_root)) as svc:
         env = {**os.environ, "LOCUST_SCENARIO": "steady", "LOCUST_USERS": "4", "LOCUST_DURATION_S": "4",
@@ -104,7 +105,7 @@ def test_locust_steady_run_against_the_real_service(model_root: Path, tmp_path: 
 def level(target: str, c: int, rps: float, p99: float, non_2xx: int = 0, server_p99: float | None = None,
           cpu_us: float = 100.0, p50: float = 1.0, mean_batch: float | None = None) -> dict[str, Any]:
     row = {"target": target, "connections": c, "throughput_rps": rps, "p50_ms": p50, "p99_ms": p99,
-           "non_2xx": non_2xx, "socket_errors": 0, "server_cpu_us_per_request": cpu_us}
+           "requests": int(rps * 3), "non_2xx": non_2xx, "socket_errors": 0, "server_cpu_us_per_request": cpu_us}
     if server_p99 is not None:
         row |= {"server_p99_ms": server_p99, "mean_batch": mean_batch}
     return row
@@ -131,9 +132,12 @@ def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
             level("ceiling x1", 1, 5000, 0.5, cpu_us=150, p50=0.2),
             level("ceiling x1", 16, 9000, 3.0, cpu_us=140),
             level("ceiling x2", 1, 5000, 0.5, cpu_us=150, p50=0.2),
-            level("ceiling x2", 16, 15000, 3.0, cpu_us=150)]}
+            level("ceiling x2", 16, 15000, 3.0, cpu_us=150),
+            # refused half of 20,000/s (429 from admission): 10,000 2xx/s, which is not this target's peak
+            level("service x1", 64, 20000, 50.0, non_2xx=30000, server_p99=40.0, cpu_us=100, mean_batch=8.0)]}
 
     s = bench.summarise([repeat(1.0), repeat(1.2), repeat(0.9)], model, workers=2)
+    assert s["peak rps service x1"]["median"] == pytest.approx(10000.0)  # 2xx only
     assert s["rps service x2"] == {"median": 7000.0, "min": 6300.0, "max": 8400.0}
     assert s["speedup"]["median"] == pytest.approx(1.75)
     assert s["peak speedup ceiling"]["median"] == pytest.approx(15000 / 9000, abs=1e-3)

@@ -20,6 +20,7 @@ from loadtest.procs import ready_pids
 from tests.conftest import free_port
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path, workers: int) -> None:
     port, delay_s = free_port(), 1.5
@@ -28,7 +29,8 @@ def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path
            "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": str(workers)}
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
     url = f"http://127.0.0.1:{port}"
-    body = json.loads((model_root / "tiny-v1" / "heldout.jsonl").read_text().splitlines()[0])["request"]
+    body = json.loads((model_root / "tiny-v1" / "heldout.jsonl").read_text().splitlines()[0])["request"] | {
+        "timeout_ms": 5000}
     answers: list[tuple[float, int, bool]] = []  # (time sent, status, fallback)
     errors: list[str] = []
     stop = threading.Event()
@@ -63,7 +65,7 @@ def test_sigterm_turns_readiness_red_first_and_fails_no_request(model_root: Path
                 red = time.monotonic()
                 break
             time.sleep(0.02)
-        assert red is not None and red - signalled < 0.5, "readiness did not turn red at once"
+        assert red is not None and red - signalled < delay_s, "readiness was not red while still serving"
         with httpx.Client(timeout=1, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
             assert {fresh.get(f"{url}/readyz").status_code for _ in range(10)} == {503}  # every worker
         time.sleep(delay_s / 3)

@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import Tiny
+from service import manifest as manifest_module
+from tests.training_fixtures import Tiny
 from training import export, metrics
 from training.train import TrainConfig, build_model, lr_factor, predict, train
 
@@ -47,10 +48,10 @@ def exported(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_export_writes_a_checked_contract(exported: Path, tiny: Tiny) -> None:
     manifest = json.loads((exported / "manifest.json").read_text())
-    assert manifest["format"] == export.FORMAT and manifest["version"] == "tiny-v1"
+    assert manifest["format"] == manifest_module.FORMAT and manifest["version"] == "tiny-v1"
     assert {f.name for f in exported.iterdir()} == {"manifest.json", *manifest["files"]}
     for name, meta in manifest["files"].items():
-        assert export.sha256(exported / name) == meta["sha256"], name
+        assert manifest_module.sha256(exported / name) == meta["sha256"], name
     assert [i["name"] for i in manifest["graph"]["inputs"]] == ["items", "scores", "mask", "history", "profile"]
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["topk_identical"] >= 0.99
     assert json.loads((exported / "items.json").read_text()) == tiny.dataset.item_ids

@@ -19,6 +19,8 @@ import pytest
 
 from loadtest.procs import ServiceProcess, ready_pids
 
+pytestmark = pytest.mark.slow  # real processes
+
 TOKEN = "workers-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.model import FORMAT, ModelError, RerankModel, sha256
+from service.manifest import Graph, Items, Manifest, ModelError, ProfileField, Tensor
+from service.model import RerankModel
 from training import metrics
 from training.candidates import CandidateLists
 from training.data import ITEM_OFFSET, OOV, PAD, Dataset
@@ -173,38 +174,28 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
                 f.write(json.dumps(_request(dataset, test, row, offline[row])) + "\n")
 
         cfg = model.cfg
-        manifest = {
-            "format": FORMAT,
-            "version": version,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dataset": dataset.name,
-            "graph": {
-                "file": "model.onnx",
-                "opset": OPSET,
-                "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in INPUTS],
-                "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in OUTPUTS],
-                "positions": "derived in the graph from scores (descending, ties by lower index)",
-                "masked_logit": -1e4,
+        Manifest(
+            version=version,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            graph=Graph("model.onnx", OPSET, [Tensor(n, d, list(s)) for n, d, s in INPUTS],
+                        [Tensor(n, d, list(s)) for n, d, s in OUTPUTS]),
+            max_candidates=cfg.max_candidates,
+            history_len=cfg.history_len,
+            score_range=(0.0, 1.0),
+            items=Items("items.json", len(dataset.item_ids), PAD, OOV, ITEM_OFFSET),
+            profile_fields=[ProfileField(f.name, list(f.vocab)) for f in dataset.user_fields],
+            records={
+                "dataset": dataset.name,
+                "user_features": {"file": "user_features.jsonl", "schema": FEATURES_SCHEMA,
+                                  "count": len(dataset.user_ids)},
+                "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
+                "model_config": dataclasses.asdict(cfg),
+                "weights": {"file": "weights.npz", "format": "torch state_dict as numpy arrays; load_reranker()"},
+                "config": json.loads(json.dumps(config, default=str)),
+                "metrics": offline_metrics,
+                "parity": dataclasses.asdict(parity),
             },
-            "max_candidates": cfg.max_candidates,
-            "history_len": cfg.history_len,
-            "score_range": [0.0, 1.0],
-            "items": {"file": "items.json", "count": len(dataset.item_ids), "pad_index": PAD,
-                      "oov_index": OOV, "first_index": ITEM_OFFSET},
-            "profile_fields": [{"name": f.name, "vocab": f.vocab} for f in dataset.user_fields],
-            "user_features": {"file": "user_features.jsonl", "schema": FEATURES_SCHEMA,
-                              "count": len(dataset.user_ids)},
-            "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
-            "model_config": dataclasses.asdict(cfg),
-            "weights": {"file": "weights.npz", "format": "torch state_dict as numpy arrays; load_reranker()"},
-            "config": json.loads(json.dumps(config, default=str)),
-            "metrics": offline_metrics,
-            "parity": dataclasses.asdict(parity),
-            "files": {},
-        }
-        manifest["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                             for p in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        ).write(tmp)
         try:  # the service's own loader is the judge of the contract
             RerankModel(tmp, providers="cpu")
         except ModelError as exc:
