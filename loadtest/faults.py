@@ -587,7 +587,8 @@ def slow_body(env: Env) -> Result:
     phase, timeout_s = (3.0 if env.quick else 5.0), 1.0
     ceiling, clients = 64, 100  # more slow senders than slots: with a slot per connection they starve the gate
     res = Result("slow_body")
-    env_vars = env.service_env(RERANK_BODY_TIMEOUT_MS=str(int(timeout_s * 1000)), RERANK_MAX_IN_FLIGHT=str(ceiling))
+    env_vars = env.service_env(RERANK_BODY_TIMEOUT_MS=str(int(timeout_s * 1000)), RERANK_MAX_IN_FLIGHT=str(ceiling),
+                               RERANK_MIN_IN_FLIGHT="8")
     with ServiceProcess(env_vars, env.work / "slow_body.log") as svc:
         Load(svc.url, env.models, connections=16, duration_s=2).stop(wait_s=60)  # warm-up
         before = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
