@@ -51,9 +51,9 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, ge=1, description=(
         "/rerank requests being answered at once by the whole service: the ceiling of the adaptive limit, or "
         "the limit itself with admission=fixed (each of N workers admits 1/N); more get 429 at once"))
-    min_in_flight: int = Field(64, ge=1, description=(
-        "floor of the adaptive limit, for the whole service, and where it starts (64: the fixed limit measured "
-        "best on a 2-core host; a floor of 8 refused requests at 8-16 connections while the limit climbed)"))
+    min_in_flight: int = Field(16, ge=1, description=(
+        "floor of the adaptive limit, for the whole service, and where it starts; low enough that the limit can "
+        "fall to what meets the deadline under overload, high enough not to refuse small bursts while it climbs"))
     body_timeout_ms: float = Field(1000.0, gt=0, description=(
         "a /rerank body must arrive within this long, else 408; a request holds no admission slot meanwhile"))
 
