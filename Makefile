@@ -8,7 +8,7 @@ DEFAULT_VARIANT ?= prm
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline dnr-choices bench loadtest lock image-check faults clean
+.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline dnr-choices bench bench-gpu loadtest lock image-check faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,16 @@ wrk:
 bench: $(STAMP) redis wrk
 	@ls models/*/weights.npz >/dev/null 2>&1 || $(MAKE) model
 	$(PY) -m loadtest.bench
+
+# The GPU figures: the model alone on CUDA fp32/fp16 and CPU at batch 1..1024, fp16/fp32 top-6 agreement, GPU
+# memory per worker, the service on CUDA and CPU at 1/2/4/8 workers: reports/gpu.{md,json} (~3 min on an H200).
+# Run it with a Python whose environment has onnxruntime-gpu (and onnx, for the fp16 graph):
+#   make bench-gpu GPU_PY=/opt/gpu-venv/bin/python
+# It exits 2, measuring nothing, where ONNX Runtime has no CUDA provider.
+GPU_PY ?= $(PY)
+bench-gpu: wrk
+	@ls models/*/weights.npz >/dev/null 2>&1 || $(MAKE) model
+	$(GPU_PY) -m loadtest.gpu
 
 # Locust against a running service (make serve): SCENARIO=steady|ramp|spike, USERS, DURATION_S; CSV + HTML in build/locust/.
 SCENARIO ?= steady

@@ -89,7 +89,8 @@ def machine() -> dict[str, Any]:
     for name in ("onnxruntime", "fastapi", "uvicorn", "numpy"):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
+    wrk = (subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
+           if shutil.which("wrk") else "not installed")
     return {"cpu": cpu, "cores": usable_cores(), "memory_mib": mem, "os": platform.platform(),
             "python": platform.python_version(), "gpu": "none used (CPU execution provider)", "wrk": wrk, **versions}
 
@@ -120,13 +121,7 @@ def model_only(folder: Path, batch_sizes: list[int], min_s: float) -> list[dict[
     and this process's CPU per list."""
     model = RerankModel(folder, "cpu", intra_op_threads=1)
     model.warm_up()
-    users = read_snapshot(folder / "user_features.jsonl")
-    jobs = []
-    for line in (folder / "heldout.jsonl").read_text().splitlines():
-        req = json.loads(line)["request"]
-        cands = req["candidates"]
-        jobs.append(Job([c["item_id"] for c in cands], np.array([c["score"] for c in cands], np.float32),
-                        users[req["user_id"]], 6))
+    jobs, _ = heldout_jobs(folder)
     rows = []
     for b in batch_sizes:
         groups = [jobs[i : i + b] for i in range(0, len(jobs) - b + 1, b)][:32]
@@ -141,6 +136,20 @@ def model_only(folder: Path, batch_sizes: list[int], min_s: float) -> list[dict[
         print(f"model batch {b:3d}: wrapper p50 {r['rank']['p50_ms']:.3f} ms, {r['rank_cpu_us_per_list']:.0f} us "
               f"CPU/list; onnxruntime p50 {r['ort']['p50_ms']:.3f} ms", flush=True)
     return rows
+
+
+def heldout_jobs(folder: Path, k: int = 6) -> tuple[list[Job], list[list[int]]]:
+    """The held-out requests as the model sees them (real user features from the snapshot), and their labels."""
+    users = read_snapshot(folder / "user_features.jsonl")
+    jobs, labels = [], []
+    for line in (folder / "heldout.jsonl").read_text().splitlines():
+        held = json.loads(line)
+        req = held["request"]
+        cands = req["candidates"]
+        jobs.append(Job([c["item_id"] for c in cands], np.array([c["score"] for c in cands], np.float32),
+                        users[req["user_id"]], k))
+        labels.append(held["labels"])
+    return jobs, labels
 
 
 def timed(fn: Any, args: list[Any], min_s: float, min_calls: int = 30) -> tuple[list[float], float]:
@@ -173,13 +182,14 @@ class Target:
 
     kind: str
     workers: int
+    tag: str = ""  # tells apart two configurations of one kind ("cuda", "cpu")
     url: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     service: ServiceProcess | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.kind} x{self.workers}"
+        return f"{self.kind}{'-' + self.tag if self.tag else ''} x{self.workers}"
 
     def pids(self) -> list[int]:
         if self.service is not None:
@@ -191,11 +201,13 @@ class Target:
 
 
 @contextlib.contextmanager
-def started(target: Target, folder: Path, redis_url: str, log: Path) -> Iterator[Target]:
+def started(target: Target, folder: Path, redis_url: str, log: Path, env: dict[str, str] | None = None
+            ) -> Iterator[Target]:
+    """The target's processes, up and ready; the service gets ``env`` on top of the bench's settings."""
     if target.kind == "service":
         svc = ServiceProcess({"RERANK_MODEL_DIR": str(folder), "RERANK_WORKERS": str(target.workers),
                               "RERANK_REDIS_URL": redis_url, "RERANK_LOG_LEVEL": "warning",
-                              "RERANK_DRAIN_DELAY_S": "0"}, log=log)
+                              "RERANK_DRAIN_DELAY_S": "0", **(env or {})}, log=log)
         with svc:
             target.service, target.url = svc, svc.url
             yield target
@@ -282,13 +294,13 @@ def server_side(target: Target, before: dict[str, Any] | None) -> dict[str, Any]
             "mean_batch": round((after["batched"] - before["batched"]) / batches, 2) if batches else None}
 
 
-def closed_level(target: Target, connections: int, duration_s: float, script: Path, bodies: Path
-                 ) -> dict[str, Any]:
+def closed_level(target: Target, connections: int, duration_s: float, script: Path, bodies: Path,
+                 threads: int = 1) -> dict[str, Any]:
     """One wrk run: its own figures, its CPU (rusage), the servers' CPU and the service's own histograms."""
     before = scrape(target.url) if target.kind == "service" else None
     cpu0 = target.cpu()
-    proc = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s", "-s",
-                             str(script), f"{target.url}/rerank", "--", str(bodies)],
+    proc = subprocess.Popen(["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s:g}s",
+                             "--timeout", "10s", "-s", str(script), f"{target.url}/rerank", "--", str(bodies)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -303,7 +315,8 @@ def closed_level(target: Target, connections: int, duration_s: float, script: Pa
     pct = w["percentiles_us"]
     errors = w["connect"] + w["read"] + w["write"] + w["timeout"]
     row = {"target": target.name, "connections": connections, "requests": w["requests"],
-           "throughput_rps": round(w["requests"] / wall, 1), "p50_ms": pct["50"] / 1000,
+           "throughput_rps": round(w["requests"] / wall, 1), "ok_rps": round((w["requests"] - w["status"]) / wall, 1),
+           "p50_ms": pct["50"] / 1000,
            "p90_ms": pct["90"] / 1000, "p99_ms": pct["99"] / 1000, "p99.9_ms": pct["99.9"] / 1000,
            "non_2xx": w["status"], "socket_errors": errors,
            "server_cpu_us_per_request": round(server_cpu / max(w["requests"], 1) * 1e6, 1),
