@@ -2,20 +2,25 @@
 # The reranking service image: no torch, non-root, CPU by default.
 #
 #   docker build -t dnr-rerank .                                  # CPU (onnxruntime)
-#   docker build --build-arg RUNTIME=gpu -t dnr-rerank:gpu .      # CUDA 12 + cuDNN 9 (onnxruntime-gpu)
+#   docker build --build-arg RUNTIME=gpu -t dnr-rerank:gpu .      # CUDA 13 + cuDNN 9 (onnxruntime-gpu)
 #   docker build --target baked -t dnr-rerank:baked .             # also copies ./models into /models
 #
 # Without the baked target, mount a model folder read-only at /models (deploy/docker-compose.yml does).
 ARG RUNTIME=cpu
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# onnxruntime-gpu 1.31.1 from PyPI is built for CUDA 13: its CUDA provider links libcublas.so.13 and
+# libcudart.so.13 (readelf), and it ran on an H200 with CUDA 13.0 and cuDNN 9 (reports/gpu.md). On a CUDA 12
+# image the provider fails to load and the service runs on CPU. Needs an NVIDIA driver >= 580.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 FROM ${PYTHON_IMAGE} AS cpu-base
 ENV VENV=/opt/venv
 RUN python -m venv "$VENV"
 
 FROM ${CUDA_IMAGE} AS gpu-base
-ENV VENV=/opt/venv
+# cuda, not auto: the GPU's worker default (half the cores, at most 8) applies, and a missing GPU is logged.
+ENV VENV=/opt/venv \
+    RERANK_PROVIDERS=cuda
 # Ubuntu 24.04's python3 is 3.12; only the interpreter and venv are needed.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from service.config import usable_cores
+from service.config import default_workers
 
 
 def free_port() -> int:
@@ -110,7 +110,7 @@ class ServiceProcess:
         self.port = int(env.get("RERANK_PORT") or free_port())
         self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": "1", **env,
                     "RERANK_PORT": str(self.port)}
-        self.workers = int(self.env["RERANK_WORKERS"]) or usable_cores()  # the service's own default
+        self.workers = int(self.env["RERANK_WORKERS"]) or default_workers(self.env.get("RERANK_PROVIDERS", "auto"))
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

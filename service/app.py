@@ -195,10 +195,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             cache_size=settings.local_cache_size, cache_ttl_s=settings.local_cache_ttl_s,
                             breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s))
     features.set_snapshot(await asyncio.to_thread(read_snapshot, folder / "user_features.jsonl"))
-    wait_ms = settings.resolved_max_wait_ms(model.on_gpu)
     batcher: Batcher[tuple[RerankModel, Job], Ranked] = Batcher(
         run_batch, max_batch_size=settings.max_batch_size, max_batch_cost=settings.max_batch_candidates,
-        max_wait_ms=wait_ms, max_queue_size=settings.max_queue_size, on_batch=lambda s: on_batch(svc, s),
+        max_wait_ms=settings.max_wait_ms, max_queue_size=settings.max_queue_size, on_batch=lambda s: on_batch(svc, s),
         inline_when_idle=settings.inline_when_idle)
     svc.runtime = Runtime(model, features, batcher)
     batcher.start()
@@ -207,7 +206,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if svc.peers is not None:
         svc.peers.start(asyncio.get_running_loop(), lambda version: reload_here(app, version))
     log.info("ready: max_batch_size %d, max_wait_ms %.1f, max_queue_size %d, admission %s (%d-%d in flight)",
-             settings.max_batch_size, wait_ms, settings.max_queue_size, settings.admission,
+             settings.max_batch_size, settings.max_wait_ms, settings.max_queue_size, settings.admission,
              settings.min_in_flight, settings.max_in_flight)
     try:
         yield

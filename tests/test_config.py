@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, usable_cores
+from service.config import Settings, default_workers, usable_cores
 from service.workers import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +46,10 @@ def test_nonsense_is_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch,
         Settings(_env_file=None)
 
 
-def test_wait_defaults_by_device() -> None:
-    s = Settings(_env_file=None)
-    assert s.resolved_max_wait_ms(on_gpu=False) == 0.0 and s.resolved_max_wait_ms(on_gpu=True) == 2.0
-    assert Settings(_env_file=None, max_wait_ms=5).resolved_max_wait_ms(on_gpu=False) == 5.0
+def test_the_batcher_never_waits_by_default() -> None:
+    # Measured on CPU and on an H200 (reports/gpu.md): a 2 ms wait on GPU cost 2.5 ms at one connection.
+    assert Settings(_env_file=None).max_wait_ms == 0.0
+    assert Settings(_env_file=None, max_wait_ms=5).max_wait_ms == 5.0
 
 
 def test_workers_default_to_the_usable_cores_capped_by_a_cgroup_cpu_limit(tmp_path: Path,
@@ -66,6 +66,14 @@ def test_workers_default_to_the_usable_cores_capped_by_a_cgroup_cpu_limit(tmp_pa
     monkeypatch.setattr("service.config.usable_cores", lambda: 4)
     settings = Settings(_env_file=None)
     assert settings.resolved_workers() == 4 and Settings(_env_file=None, workers=3).resolved_workers() == 3
+    # On one GPU: half the cores, at most 8; a setting still wins.
+    assert Settings(_env_file=None, providers="cuda").resolved_workers() == 2
+    assert Settings(_env_file=None, providers="cuda", workers=3).resolved_workers() == 3
+    monkeypatch.setattr("service.config.usable_cores", lambda: 32)
+    assert default_workers("cuda") == 8 and default_workers("auto") == 32 and default_workers("cpu") == 32
+    monkeypatch.setattr("service.config.usable_cores", lambda: 1)
+    assert default_workers("cuda") == 1
+    monkeypatch.setattr("service.config.usable_cores", lambda: 4)
     # ONNX Runtime threads: its own default with one worker, else the cores split among the workers.
     assert settings.resolved_intra_op_threads(1) == 0
     assert settings.resolved_intra_op_threads(2) == 2 and settings.resolved_intra_op_threads(8) == 1
