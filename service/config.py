@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="folder of model versions, or one version folder")
     model_version: str = Field("", description="version to serve; empty = newest manifest under model_dir")
     providers: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = CUDA when onnxruntime-gpu sees a GPU, else CPU")
+        "auto", description=("auto = CUDA when onnxruntime-gpu can run it, else CPU; cuda = CUDA or the model is "
+                             "refused (the service does not start, a reload answers 422); cpu = CPU"))
     intra_op_threads: int = Field(0, ge=0, description=(
         "ONNX Runtime threads per inference; 0 = the cores divided among the workers (ONNX Runtime's own default "
         "with one worker)"))

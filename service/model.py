@@ -59,12 +59,10 @@ class Ranked:
 
 
 def resolve_providers(choice: str) -> list[str]:
-    """'cuda' and 'auto' ask for CUDA first when this onnxruntime build has it; CPU is always last."""
-    available = ort.get_available_providers()
-    if choice in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+    """'cuda' and 'auto' ask for CUDA first when this onnxruntime build has it; CPU is always last (it runs the
+    few operators CUDA lacks). Whether CUDA really runs is known only from the session: see RerankModel."""
+    if choice in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if choice == "cuda":
-        log.warning("RERANK_PROVIDERS=cuda but this onnxruntime has no CUDA provider (%s); using CPU", available)
     return ["CPUExecutionProvider"]
 
 
@@ -111,6 +109,13 @@ class RerankModel:
         # What really runs: the requested list minus what failed to initialise.
         self.providers: list[str] = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        if providers == "cuda" and not self.on_gpu:
+            # An explicit cuda that silently ran on CPU would cost 2-3x the cores per request and go unnoticed
+            # (a CUDA 12 image with onnxruntime-gpu 1.31 did exactly that); auto is the lenient choice.
+            raise ModelError(f"RERANK_PROVIDERS=cuda but ONNX Runtime runs {self.providers} (its build offers "
+                             f"{ort.get_available_providers()}): is onnxruntime-gpu installed in place of "
+                             "onnxruntime, a GPU visible, and are CUDA 13 and cuDNN 9 on the library path? "
+                             "RERANK_PROVIDERS=auto falls back to CPU instead")
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 64)) -> float:
         """Run dummy batches of full-length lists so the first real request pays no allocation; seconds."""

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from service.manifest import FORMAT, Manifest, ModelError
@@ -96,6 +97,22 @@ def test_the_session_runs_on_cpu_and_any_batch_size(model: RerankModel) -> None:
     jobs = [Job(known[:n], np.linspace(1, 0, n, dtype=np.float32), COLD_START, 1) for n in (1, 5, 30)]
     assert [len(r.positions) for r in model.rank(jobs)] == [1, 1, 1]
     assert model.warm_up((1, 2)) > 0
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_an_explicit_cuda_that_cannot_run_is_refused_and_auto_falls_back(model_root: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu: CUDA may really run here
+        pytest.skip("this onnxruntime has a CUDA provider; on a GPU host cuda must run, tested by make bench-gpu")
+    folder = find_version(model_root)
+    with pytest.raises(ModelError, match=r"RERANK_PROVIDERS=cuda but ONNX Runtime runs \['CPUExecutionProvider'\]"):
+        RerankModel(folder, providers="cuda")
+    assert RerankModel(folder, providers="auto").providers == ["CPUExecutionProvider"]
+    # A build that offers CUDA but cannot load it (onnxruntime-gpu 1.31 on CUDA 12): the session falls back to
+    # CPU, and an explicit cuda is still refused.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="is onnxruntime-gpu installed"):
+        RerankModel(folder, providers="cuda")
 
 
 def test_find_version_picks_a_folder_by_name_or_the_newest(model_root: Path, tmp_path: Path) -> None:
