@@ -197,7 +197,10 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
+        # Cancelled at shutdown: end normally, since Python 3.11's start_server reports a cancelled client task
+        # as an error.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
 
     def __enter__(self) -> DelayProxy:
         self.thread.start()
@@ -205,8 +208,21 @@ class DelayProxy:
             asyncio.start_server(self._client, "127.0.0.1", self.port), self.loop).result(10)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def _shutdown(self) -> None:
+        """Stop accepting, cancel every pipe (each closes its writer) and let the closes run, so nothing is left
+        pending for the garbage collector to report against a closed loop."""
         if self.server is not None:
             self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.05)  # transports close on the next loop iterations
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
