@@ -2,7 +2,7 @@
 alone, driven by `wrk`, in interleaved repeats.
 
     python -m loadtest.bench [--models models] [--workers N] [--repeats 3] [--duration-s 3]
-                             [--concurrency 1,4,16,32,64] [--rates 0.25,0.5,0.75]
+                             [--concurrency 1,4,16,32,64] [--rates 0.25,0.5,0.75] [--compare CHECKOUT]
 
 Measures, on the held-out requests of the newest model (real users, real 50-candidate lists):
   model    the service's model wrapper (encode + ONNX Runtime + top-k) and ONNX Runtime alone, in-process, one
@@ -15,6 +15,9 @@ fractions of the 1-worker service's best closed-loop throughput in the first rep
 once per repeat, the repeats interleaved, so a slow period of the machine hits all of them alike.
 Client-side latency is wrk's (exact, HdrHistogram); server-side latency is the service's own handler histogram
 (summed over workers). CPU: /proc of every server process, and wrk's own rusage.
+--compare CHECKOUT adds the service from another checkout of this repository (a `git worktree` at another commit)
+as `service-B` with 1 and N workers, run with the same model, Redis and Python, interleaved with the rest in every
+closed-loop repeat: a same-time A/B, since this machine drifts between runs more than most changes move it.
 Writes reports/benchmark.md, reports/benchmark.json and reports/benchmark.png.
 """
 
@@ -182,7 +185,8 @@ class Target:
 
     kind: str
     workers: int
-    tag: str = ""  # tells apart two configurations of one kind ("cuda", "cpu")
+    tag: str = ""  # tells apart two configurations of one kind ("cuda", "cpu"; "B" for --compare)
+    cwd: Path | None = None  # the checkout whose service runs (None: this one)
     url: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     service: ServiceProcess | None = None
@@ -205,9 +209,9 @@ def started(target: Target, folder: Path, redis_url: str, log: Path, env: dict[s
             ) -> Iterator[Target]:
     """The target's processes, up and ready; the service gets ``env`` on top of the bench's settings."""
     if target.kind == "service":
-        svc = ServiceProcess({"RERANK_MODEL_DIR": str(folder), "RERANK_WORKERS": str(target.workers),
+        svc = ServiceProcess({"RERANK_MODEL_DIR": str(folder.resolve()), "RERANK_WORKERS": str(target.workers),
                               "RERANK_REDIS_URL": redis_url, "RERANK_LOG_LEVEL": "warning",
-                              "RERANK_DRAIN_DELAY_S": "0", **(env or {})}, log=log)
+                              "RERANK_DRAIN_DELAY_S": "0", **(env or {})}, log=log, cwd=target.cwd)
         with svc:
             target.service, target.url = svc, svc.url
             yield target
@@ -380,8 +384,7 @@ def summarise(repeats: list[dict[str, Any]], model: list[dict[str, Any]], worker
         by = {n: [lv for lv in rep["closed"] if lv["target"] == n] for n in names}
         best = {n: best_under(by[n]) for n in names}
         # 2xx answers only: a level where admission refused some (429) does not count its refusals as served
-        peak = {n: max((lv["throughput_rps"] * (1 - lv["non_2xx"] / max(lv["requests"], 1)) for lv in by[n]),
-                       default=0.0) for n in names}
+        peak = {n: peak_2xx(by[n]) for n in names}
         for n in names:
             add(f"rps {n}", best[n]["throughput_rps"] if best[n] else 0.0)
             add(f"peak rps {n}", peak[n])
@@ -418,7 +421,34 @@ def summarise(repeats: list[dict[str, Any]], model: list[dict[str, Any]], worker
             get("c1 ratio") <= TARGETS["c1_p50_vs_bound"],
     }
     out["model_b1_p50_ms"] = b1["ort"]["p50_ms"]
+    out.update(compare_ab(repeats, workers))
     return out
+
+
+def compare_ab(repeats: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """With --compare: per worker count, the other checkout's (B) best throughput at p99 <= 10 ms and peak 2xx
+    rate, and this checkout's (A) over B's, each per repeat, then the spread. Empty without B."""
+    per: dict[str, list[float]] = {}
+    for rep in repeats:
+        for w in sorted({1, workers}):
+            a = [lv for lv in rep["closed"] if lv["target"] == f"service x{w}"]
+            b = [lv for lv in rep["closed"] if lv["target"] == f"service-B x{w}"]
+            if not a or not b:
+                continue
+            best_a, best_b = best_under(a), best_under(b)
+            peak_a, peak_b = peak_2xx(a), peak_2xx(b)
+            per.setdefault(f"rps service-B x{w}", []).append(best_b["throughput_rps"] if best_b else 0.0)
+            per.setdefault(f"peak rps service-B x{w}", []).append(peak_b)
+            if best_a and best_b:
+                per.setdefault(f"ab ratio x{w}", []).append(best_a["throughput_rps"] / best_b["throughput_rps"])
+            if peak_b:
+                per.setdefault(f"ab peak ratio x{w}", []).append(peak_a / peak_b)
+    return {k: spread(v) for k, v in per.items()}
+
+
+def peak_2xx(levels: list[dict[str, Any]]) -> float:
+    """The highest rate of 2xx answers over the levels, at any latency."""
+    return max((lv["throughput_rps"] * (1 - lv["non_2xx"] / max(lv["requests"], 1)) for lv in levels), default=0.0)
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -464,6 +494,14 @@ def write_report(result: dict[str, Any], out: Path, plotted: bool) -> None:
              "| server | req/s at p99 <= 10 ms | peak req/s |", "|---|---|---|"]
     for name in ("service x1", f"service x{n}", "ceiling x1", f"ceiling x{n}"):
         lines.append(f"| {name} | {sv(f'rps {name}', '{:,.0f}')} | {sv(f'peak rps {name}', '{:,.0f}')} |")
+    if "rps service-B x1" in s:
+        for w in sorted({1, n}):
+            lines.append(f"| service-B x{w} (`{result.get('compare', '?')}`) | "
+                         f"{sv(f'rps service-B x{w}', '{:,.0f}')} | {sv(f'peak rps service-B x{w}', '{:,.0f}')} |")
+        lines += ["", "A/B, this checkout's service over service-B's, per repeat then the spread: " + "; ".join(
+            f"x{w}: {sv(f'ab ratio x{w}', '{:.2f}')}x at p99 <= 10 ms, {sv(f'ab peak ratio x{w}', '{:.2f}')}x at peak"
+            for w in sorted({1, n}))
+            + ". A range that holds 1.00 is no difference."]
     lines += ["", f"At peak, {n} workers serve {sv('peak speedup service', '{:.2f}')}x one worker's requests; "
               f"the bare HTTP stack with {n} processes serves {sv('peak speedup ceiling', '{:.2f}')}x one process's "
               "(wrk and the servers share the cores)."]
@@ -533,6 +571,12 @@ def write_report(result: dict[str, Any], out: Path, plotted: bool) -> None:
     (out / "benchmark.md").write_text("\n".join(lines))
 
 
+def checkout_name(path: Path) -> str:
+    """``path`` and its commit, for the report."""
+    rev = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"{path} @ {rev.stdout.strip()}" if rev.returncode == 0 else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"), help="model folder (newest version used)")
@@ -545,6 +589,8 @@ def main() -> None:
                         help="open-loop rates, as fractions of the 1-worker service's best closed-loop throughput")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128", help="model-only batch sizes")
     parser.add_argument("--model-min-s", type=float, default=1.0, help="seconds of model-only timing per size")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run the service from this other checkout (e.g. a git worktree), as service-B")
     parser.add_argument("--replot", action="store_true",
                         help="only rewrite benchmark.md and .png from an existing benchmark.json")
     args = parser.parse_args()
@@ -570,6 +616,10 @@ def main() -> None:
         bodies.write_bytes(b"\n".join(load_bodies(folder)) + b"\n")
         targets = [stack.enter_context(started(Target(kind, w), folder, redis_url, Path(tmp) / f"{kind}-{w}.log"))
                    for kind in ("service", "ceiling") for w in (1, workers)]
+        if args.compare is not None:
+            targets += [stack.enter_context(started(Target("service", w, tag="B", cwd=args.compare.resolve()), folder,
+                                                    redis_url, Path(tmp) / f"service-B-{w}.log"))
+                        for w in (1, workers)]
         rates: list[float] = []
         for r in range(args.repeats):
             print(f"repeat {r + 1}/{args.repeats}", flush=True)
@@ -587,6 +637,7 @@ def main() -> None:
     result = {"command": " ".join(["python -m loadtest.bench", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "model_version": folder.name, "workers": workers, "duration_s": args.duration_s,
+              **({"compare": checkout_name(args.compare)} if args.compare is not None else {}),
               "repeats_n": args.repeats, "model": model, "repeats": repeats}
     result["summary"] = summarise(repeats, model, workers)
     result["wall_s"] = round(time.time() - t0, 1)

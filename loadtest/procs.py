@@ -106,7 +106,8 @@ class ServiceProcess:
     """``python -m service`` as its own process, configured by RERANK_* variables (one worker unless
     RERANK_WORKERS says otherwise); ready when /readyz has answered 200 from every worker."""
 
-    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Path | None = None, cwd: Path | None = None) -> None:
+        self.cwd = cwd  # another checkout: `python -m service` runs that checkout's code
         self.port = int(env.get("RERANK_PORT") or free_port())
         self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": "1", **env,
                     "RERANK_PORT": str(self.port)}
@@ -125,7 +126,8 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 120) -> ServiceProcess:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=self.env, stdout=out, stderr=out)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=self.env, stdout=out, stderr=out,
+                                     cwd=self.cwd)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:

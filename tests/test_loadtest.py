@@ -149,6 +149,24 @@ def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
     assert bench.model_cpu_us_per_list(model, 2.0) == pytest.approx(150.0)
 
 
+def test_ab_compares_the_other_checkout_per_repeat_and_is_empty_without_it() -> None:
+    def repeat(b_scale: float) -> dict[str, Any]:
+        return {"open": [], "closed": [
+            level("service x1", 4, 1000, 5.0), level("service x1", 16, 1500, 12.0),
+            level("service x2", 4, 1800, 5.0),
+            level("service-B x1", 4, 1000 * b_scale, 5.0),
+            # B's 16-connection level misses the budget: it counts at peak only
+            level("service-B x1", 16, 1300 * b_scale, 11.0),
+            level("service-B x2", 4, 2000 * b_scale, 5.0)]}
+
+    ab = bench.compare_ab([repeat(1.0), repeat(0.8), repeat(1.25)], workers=2)
+    assert ab["rps service-B x1"] == {"median": 1000.0, "min": 800.0, "max": 1250.0}
+    assert ab["ab ratio x1"] == {"median": 1.0, "min": 0.8, "max": 1.25}
+    assert ab["ab peak ratio x1"]["median"] == pytest.approx(1500 / 1300, abs=1e-3)
+    assert ab["ab ratio x2"]["median"] == pytest.approx(0.9)
+    assert bench.compare_ab([{"open": [], "closed": [level("service x1", 4, 1000, 5.0)]}], workers=2) == {}
+
+
 def test_histogram_quantile_interpolates_the_delta() -> None:
     before = {0.001: 10.0, 0.002: 10.0, float("inf"): 10.0}
     after = {0.001: 10.0, 0.002: 110.0, float("inf"): 110.0}  # 100 new observations, all in (1, 2] ms
