@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     max_timeout_ms: float = Field(10_000.0, gt=0, description="largest timeout_ms a request may ask for")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger bodies get 413")
 
-    # --- batcher (None = device-aware default, see resolved_batching)
+    # --- batcher
     max_batch_size: int = Field(64, ge=1, description="requests per inference batch")
     max_batch_candidates: int = Field(64 * 50, ge=1, description="candidates (rows x list length) per batch")
     max_wait_ms: float = Field(0.0, ge=0, description=(
