@@ -54,15 +54,19 @@ serve: $(STAMP)
 	@ls models/*/manifest.json >/dev/null 2>&1 || $(MAKE) model
 	$(PY) -m service
 
-# The offline pipeline on ML-100K: the leakage audit of every sampler, 12 variants x 5 seeds under the default
-# sampler (the score pathways, DNR, and PRM's ablations), the key variants x 2 seeds under the others:
+# The offline pipeline on ML-100K: the leakage audit of every sampler; PRM, prm-late, the matched heuristic and the
+# faithful DNR variants x 5 seeds under the default sampler; then the regime variants (retriever, prm, the best
+# score pathway and the best DNR variant on validation) on the paper's own protocol (INVALID by the audit) x 2 seeds,
+# on the semi-synthetic controlled-informativeness regimes x 3 seeds, and under the other samplers x 2 seeds:
 # reports/ml100k.md with its CSVs and plots, and the best variant on validation in models/. Runs train JOBS at a
-# time with one torch thread each; each finished run is kept in build/runs, so an interrupted pipeline resumes
-# where it stopped (delete build/runs to train everything again). `python -m training pipeline` alone trains every
-# variant (prm-residual and the DNR loss ablations too) x 5 seeds, regimes x 3.
-PIPELINE_VARIANTS ?= retriever,prm,prm-concat,prm-add,prm-weight,prm-late,g,b,dnr-g,dnr-b,prm-no-positions,prm-no-history,prm-no-side-features
+# time with one torch thread each, one progress bar over all runs with an ETA; each finished run is kept in
+# build/runs, so an interrupted pipeline resumes where it stopped (delete build/runs to train everything again).
+# TRAIN_DEVICE=auto trains on a GPU when torch sees one (the report names the device).
+PIPELINE_VARIANTS ?= retriever,prm,prm-late,m,dnr-g,dnr-b,dnr-m,dnr-b-eq7
+TRAIN_DEVICE ?= auto
 pipeline: $(STAMP)
-	$(PY) -m training pipeline --jobs $(JOBS) --threads 1 --variants $(PIPELINE_VARIANTS) --seeds 5 --regime-seeds 2
+	$(PY) -m training pipeline --jobs $(JOBS) --threads 1 --device $(TRAIN_DEVICE) --variants $(PIPELINE_VARIANTS) \
+	  --seeds 5 --regime-seeds 2 --controlled-seeds 3
 
 # The knobs the paper leaves open, one at a time, for dnr-g on validation, 3 seeds each with PRM on the same
 # seeds beside them: reports/ml100k_choices.md (~60 min on 2 cores).

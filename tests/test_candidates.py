@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.training_fixtures import TINY_LISTS, Tiny
-from training import candidates, data
+from training import candidates, data, retriever
 
 
 def slate_of(tiny: Tiny, split: str, row: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def negative_sets(lists: candidates.CandidateLists) -> list[set[int]]:
     return [set(lists.items[r][lists.mask[r] & (lists.labels[r] == 0)].tolist()) for r in range(len(lists))]
 
 
-@pytest.mark.parametrize("sampler", candidates.SAMPLERS)
+@pytest.mark.parametrize("sampler", [s for s in candidates.SAMPLERS if s != "top"])  # top: by design, not chance
 def test_two_lists_of_a_user_share_negatives_only_by_chance(tiny: Tiny, sampler: str) -> None:
     """Overlap between consecutive lists of one user ~ overlap between two independent draws for one list.
 
@@ -137,3 +137,41 @@ def test_bad_list_settings_are_refused(tiny: Tiny) -> None:
         candidates.ListConfig(sampler="hard")
     with pytest.raises(ValueError, match="smaller than the slate size"):
         candidates.build_lists(tiny.dataset, tiny.retr, "test", candidates.ListConfig(candidates=3))
+
+
+def test_controlled_regime_hits_its_target_auc_and_keeps_each_list_in_score_order(tiny: Tiny) -> None:
+    lists = candidates.build_all_lists(tiny.dataset, tiny.retr, TINY_LISTS)
+    for target in (0.80, 0.90):
+        regime, _ = candidates.controlled_lists(lists, target, sigma=1.0)
+        assert candidates.list_auc(regime["train"]) == pytest.approx(target, abs=0.02)
+        # The same gamma on the held-out lists lands near the target too (they are smaller, so noisier).
+        for split in ("valid", "test"):
+            assert candidates.list_auc(regime[split]) == pytest.approx(target, abs=0.06), split
+        for split, cl in regime.items():
+            assert (np.diff(cl.scores, axis=1) <= 0).all()
+            before = lists[split]
+            for row in range(0, len(cl), 7):  # the same candidates and labels, only re-scored and re-ordered
+                assert dict(zip(cl.items[row], cl.labels[row], strict=True)) == dict(
+                    zip(before.items[row], before.labels[row], strict=True))
+    _, g_low = candidates.controlled_lists(lists, 0.80)
+    _, g_high = candidates.controlled_lists(lists, 0.90)
+    assert g_low < g_high
+    with pytest.raises(ValueError, match="out of reach"):
+        candidates.controlled_lists(lists, 0.95, sigma=100.0)  # noise that no gamma in range outweighs
+
+
+def test_paper_protocol_scores_every_list_with_one_mf_and_takes_its_top_unseen_items(tiny: Tiny) -> None:
+    d = tiny.dataset
+    paper = retriever.fit_paper_retriever(d, retriever.RetrieverConfig(dim=8, epochs=2, folds=3))
+    assert len(paper.fold_scores) == 1 and paper.fold_scores[0] is paper.pre_valid
+    lists = candidates.build_all_lists(d, paper, dataclasses.replace(TINY_LISTS, sampler="top"))
+    for split in ("train", "test"):
+        cl = lists[split]
+        for row in range(0, len(cl), 11):
+            u = int(cl.user[row])
+            slate = set(d.seq_items[u][d.splits[split].start[row] : d.splits[split].start[row] + d.slate_size])
+            negatives = [int(i) for i in cl.items[row] if int(i) not in slate]
+            never = np.setdiff1d(np.arange(2, d.n_items), d.seq_items[u])
+            best = never[np.argsort(-paper.pre_valid[u, never], kind="stable")][: len(negatives)]
+            assert set(negatives) == set(best.tolist())
+

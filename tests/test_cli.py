@@ -23,6 +23,7 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
                  "--patience", "1", "--hidden", "16", "--batch-size", "64",
                  "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2", "--sampler", "uniform",
                  "--regime-samplers", "uniform,retrieved", "--regime-seeds", "1",
+                 "--controlled-aucs", "0.8", "--controlled-seeds", "2",
                  "--run-cache", "", "--out-reports", str(tmp_path / "reports"),
                  "--out-models", str(tmp_path / "models"), "--version", "cli-v1", "--no-progress"])
     assert code == 0
@@ -50,29 +51,40 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
     # The regimes table: the key variants (retriever, prm, the best pathway, dnr-b) under both samplers, with
     # dnr-b against prm and the pathway under each.
     audit = json.loads((reports / "ratings_audit.json").read_text())
-    assert audit["default"] == "uniform" and set(audit["samplers"]) == {"uniform", "retrieved"}
+    controlled = "controlled AUC 0.80 (sigma 1)"
+    assert audit["default"] == "uniform"
+    assert set(audit["samplers"]) == {"uniform", "retrieved", "paper protocol", controlled}
+    # The semi-synthetic regime hits its target list AUC on the training lists.
+    assert abs(audit["samplers"][controlled]["list_auc"]["train"] - 80.0) < 2.0
     with open(reports / "ratings_regimes.csv") as f:
         regimes = list(csv.DictReader(f))
-    assert {r["sampler"] for r in regimes} == {"uniform", "retrieved"}
+    assert {r["sampler"] for r in regimes} == {"uniform", "retrieved", "paper protocol", controlled}
+    assert {r["seed"] for r in regimes if r["sampler"] == controlled} == {"0", "1"}
+    assert "leakage audit, paper protocol:" in out
+    assert f"| {controlled} | dnr-b | " in report and "(semi-synthetic)" in report
     with open(reports / "ratings_runs.csv") as f:
         main_valid = [r for r in csv.DictReader(f) if r["split"] == "valid" and r["metric"] == "N@6"]
     pathway = max(("prm-add", "prm-concat"), key=lambda v: sum(float(r["value"]) for r in main_valid
                                                                  if r["variant"] == v))
-    for sampler in ("uniform", "retrieved"):
+    for sampler in ("uniform", "retrieved", "paper protocol", controlled):
         assert {r["variant"] for r in regimes if r["sampler"] == sampler} == {"retriever", "prm", pathway, "dnr-b"}
         assert f"| {sampler} | dnr-b | prm |" in report and f"| {sampler} | dnr-b | {pathway} |" in report
         assert f"| {sampler} | prm | retriever |" in report
     # Every learned variant against the order it is handed, each seed paired with the one retriever run.
     assert "| prm | retriever |" in report and "| dnr-b | retriever | " in report
     assert re.search(r"\| g \| retriever \| [+-]\d+\.\d\d \| \d/2 \|", report)
-    for plot in ("ratings_valid_n6.png", "ratings_scores.png"):
+    for plot in ("ratings_valid_n6.png", "ratings_noise.png", "ratings_dnr.png", "ratings_controlled.png"):
         assert (reports / plot).read_bytes()[:4] == b"\x89PNG"
-    with open(reports / "ratings_scores.csv") as f:
+    with open(reports / "ratings_noise.csv") as f:
         sources = {r["source"] for r in csv.DictReader(f)}
-    assert sources == {"real (train lists)", "real (test lists)", "g x'", "dnr-b x'"}
+    assert sources == {"true noise x - z", "g x' - z", "dnr-b x' - z"}
     with open(reports / "ratings_epochs.csv") as f:
         epochs = [r for r in csv.DictReader(f) if r["variant"] == "dnr-b"]
     assert epochs and all(r["L_adv"] and r["L_x"] for r in epochs if int(r["epoch"]) > 1)
+    # The diagnostics: x' against z beside the real x, every epoch, and the section that reads them.
+    assert all(r["xprime_auc"] and r["x_auc"] for r in epochs)
+    assert "## DNR diagnostics" in report and "| dnr-b | " in report.split("## DNR diagnostics")[1]
+    assert "Runs that did not learn" in report
     manifest = json.loads((tmp_path / "models" / "cli-v1" / "manifest.json").read_text())
     with open(reports / "ratings_runs.csv") as f:
         runs = [r for r in csv.DictReader(f) if r["split"] == "valid" and r["metric"] == "N@6"]
@@ -96,7 +108,8 @@ def test_an_interrupted_pipeline_resumes_from_the_run_cache(tmp_path: Path,
     args = ["pipeline", "--dataset", "table", "--path", str(synthetic_files[0]), "--core", "10", "--history-len",
             "6", "--candidates", "20", "--variants", "retriever,prm", "--seeds", "2", "--epochs", "1",
             "--hidden", "16", "--batch-size", "64", "--mf-epochs", "2", "--mf-dim", "8", "--mf-folds", "2",
-            "--regime-samplers", "", "--run-cache", str(tmp_path / "runs"), "--out-reports",
+            "--regime-samplers", "", "--no-paper-protocol", "--controlled-aucs", "", "--run-cache",
+            str(tmp_path / "runs"), "--out-reports",
             str(tmp_path / "reports"), "--no-export", "--no-progress"]
     assert main(args) == 0
 

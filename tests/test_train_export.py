@@ -15,7 +15,7 @@ import torch
 from service import manifest as manifest_module
 from tests.training_fixtures import Tiny
 from training import export, metrics
-from training.train import TrainConfig, build_model, lr_factor, predict, train
+from training.train import TrainConfig, build_model, lr_factor, predict, resolve_device, train
 
 
 def test_training_improves_on_its_initialisation(tiny: Tiny) -> None:
@@ -132,7 +132,10 @@ def test_cosine_schedule_warms_up_then_decays_to_lr_min() -> None:
     assert steps[0] == pytest.approx(0.2) and steps[4] == pytest.approx(1.0)  # 5 warm-up steps
     assert all(a >= b for a, b in itertools.pairwise(steps[4:]))  # then never rises
     assert factor(40) == pytest.approx(0.1) and steps[-1] > 0.1
-    assert {lr_factor(TrainConfig(), 10)(s) for s in range(40)} == {1.0}
+    # The constant schedule warms up for one epoch too, then holds.
+    constant = [lr_factor(TrainConfig(), 10)(s) for s in range(40)]
+    assert constant[0] == pytest.approx(0.1) and set(constant[9:]) == {1.0}
+    assert {lr_factor(TrainConfig(warmup=0), 10)(s) for s in range(40)} == {1.0}
     with pytest.raises(ValueError, match="schedule 'step'"):
         TrainConfig(schedule="step")
     with pytest.raises(ValueError, match=r"score_dropout 1.0 is not in \[0, 1\)"):
@@ -156,3 +159,19 @@ def test_ablation_variants_turn_off_one_input_each(tiny: Tiny, switch: str) -> N
     model = build_model(tiny.dataset, dataclasses.replace(tiny.cfg, variant=variant), 30)
     flags = {name: getattr(model.cfg, name) for name in ("positions", "history", "side_features")}
     assert flags == {name: name != switch for name in flags} and model.cfg.pathway == "none"
+
+
+def test_device_cpu_trains_and_exports_with_parity_and_cuda_without_a_gpu_is_refused(tiny: Tiny,
+                                                                                       tmp_path: Path) -> None:
+    cfg = dataclasses.replace(tiny.cfg, variant="prm-late", epochs=1, device="cpu")
+    result = train(tiny.dataset, tiny.lists, cfg, progress=False)
+    assert result.device == "cpu" and next(result.model.parameters()).device.type == "cpu"
+    path = export.export(result.model, tiny.dataset, tiny.lists, tmp_path, "cpu", {}, {})  # refuses without parity
+    assert json.loads((path / "manifest.json").read_text())["parity"]["topk_identical"] == 1.0
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train(tiny.dataset, tiny.lists, dataclasses.replace(cfg, device="cuda"), progress=False)
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        TrainConfig(device="tpu")
+

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from training import audit, candidates, data, evaluate, export, report, retriever, runner
-from training.train import VARIANTS, TrainConfig
+from training.train import VARIANTS, TrainConfig, resolve_device
 
 T = TypeVar("T")
+# The regime of the paper's own protocol (not leak-free; audited and reported beside the valid one).
+PAPER = "paper protocol"
 
 
 @dataclass
@@ -53,10 +55,22 @@ class RunConfig:
     export: bool = field(default=True, metadata={"help": "export the best variant on validation"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model version"})
     progress: bool = field(default=True, metadata={"help": "progress bars and per-run lines"})
-    regime_samplers: str = field(default=",".join(candidates.SAMPLERS), metadata={
+    regime_samplers: str = field(default="uniform,popularity,retrieved", metadata={
         "help": "samplers of the regimes table (retriever, prm, best pathway, dnr-g, dnr-b under each); "
                 "empty: none"})
     regime_seeds: int = field(default=3, metadata={"help": "seeds per variant in the regimes table (0 .. n-1)"})
+    regime_variants: str = field(default="", metadata={
+        "help": "variants of the regimes tables (comma-separated); empty: retriever, prm, the best score pathway "
+                "and the best DNR variant on validation, each if the main table ran it"})
+    paper_protocol: bool = field(default=True, metadata={
+        "help": "also run the regime variants on the paper's own protocol (one MF on a random 80%% of all "
+                "interactions, candidates = the slate + that MF's top unseen items): INVALID by the audit, reported "
+                "beside the valid protocol"})
+    controlled_aucs: str = field(default="0.80,0.85,0.90,0.95", metadata={
+        "help": "semi-synthetic regimes: retriever scores sigmoid(logit(MF) + gamma (2z - 1) + noise) with gamma set "
+                "so the training lists' list AUC is each of these (comma-separated); empty: none"})
+    controlled_sigma: float = field(default=1.0, metadata={"help": "std of the controlled regimes' logit noise"})
+    controlled_seeds: int = field(default=3, metadata={"help": "seeds per variant in each controlled regime"})
     jobs: int = field(default=0, metadata={
         "help": "training processes at once, each with --threads torch threads (0: one per --threads cores)"})
     run_cache: str = field(default="build/runs", metadata={
@@ -94,20 +108,21 @@ def cmd_stats(args: argparse.Namespace) -> None:
     print(data.stats_table(load_dataset(from_args(DataConfig, args))))
 
 
-def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: candidates.ListConfig
-                  ) -> tuple[dict[str, candidates.CandidateLists], audit.Audit]:
+def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: candidates.ListConfig,
+                  name: str = "") -> tuple[dict[str, candidates.CandidateLists], audit.Audit]:
     """The lists of ``cfg.sampler`` and their leakage audit, printed loudly when it fails."""
     lists = candidates.build_all_lists(dataset, retr, cfg)
     result = audit.audit(lists, candidates.item_counts(dataset))
     figures = " | ".join(f"{name} {value:.2f}" for name, value in result.n6.items())
     auc = result.list_auc
-    print(f"leakage audit, sampler {cfg.sampler}: test N@6 {figures}; retriever list AUC train {auc['train']:.2f}, "
+    what = name or f"sampler {cfg.sampler}"
+    print(f"leakage audit, {what}: test N@6 {figures}; retriever list AUC train {auc['train']:.2f}, "
           f"test {auc['test']:.2f}", flush=True)
     if result.valid:
-        print(f"leakage audit, sampler {cfg.sampler}: VALID", flush=True)
+        print(f"leakage audit, {what}: VALID", flush=True)
     else:
         bar = "!" * 100
-        print(f"{bar}\nLEAKAGE AUDIT, sampler {cfg.sampler}: {result.verdict}\n{bar}", flush=True)
+        print(f"{bar}\nLEAKAGE AUDIT, {what}: {result.verdict}\n{bar}", flush=True)
     return lists, result
 
 
@@ -120,6 +135,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     train_cfg = from_args(TrainConfig, args)
     variants = [v.strip() for v in run_cfg.variants.split(",") if v.strip()]
     evaluate.check_variants(variants)
+    fixed_key = [v.strip() for v in run_cfg.regime_variants.split(",") if v.strip()]
+    evaluate.check_variants(fixed_key)
     regime_samplers = [s.strip() for s in run_cfg.regime_samplers.split(",") if s.strip()]
     for sampler in regime_samplers:
         dataclasses.replace(list_cfg, sampler=sampler)  # refuses an unknown sampler before any training
@@ -136,21 +153,37 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         cfg = dataclasses.replace(list_cfg, sampler=sampler)
         lists_of[sampler], audits[sampler] = audited_lists(dataset, retr, cfg)
     lists = lists_of[default]
+    if run_cfg.paper_protocol:
+        paper_retr = retriever.fit_paper_retriever(dataset, retr_cfg)
+        paper_cfg = dataclasses.replace(list_cfg, sampler="top")
+        lists_of[PAPER], audits[PAPER] = audited_lists(dataset, paper_retr, paper_cfg, name=PAPER)
+    controlled: dict[str, float] = {}  # regime name -> gamma
+    for target in [float(a) for a in run_cfg.controlled_aucs.split(",") if a.strip()]:
+        name = f"controlled AUC {target:.2f} (sigma {run_cfg.controlled_sigma:g})"
+        lists_of[name], controlled[name] = candidates.controlled_lists(lists, target, run_cfg.controlled_sigma)
+        audits[name] = audit.audit(lists_of[name], candidates.item_counts(dataset))
+        print(f"{name}: gamma {controlled[name]:.3f}, list AUC train {audits[name].list_auc['train']:.2f}, "
+              f"test {audits[name].list_auc['test']:.2f} (semi-synthetic)", flush=True)
+    # The paper's protocol and the controlled regimes run before the other samplers: they answer the first question.
+    extra_regimes = [*([PAPER] if run_cfg.paper_protocol else []), *(s for s in regime_samplers if s != default)]
 
     jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
     context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
                "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
     cache = runner.RunCache(Path(run_cfg.run_cache) / dataset.name, context) if run_cfg.run_cache else None
     with runner.Runner(dataset, lists_of, jobs, cache, run_cfg.progress) as pool:
+        trained_variants = [v for v in variants if v != evaluate.RETRIEVER]
+        n_key = len([v for v in fixed_key if v != evaluate.RETRIEVER]) if fixed_key else evaluate.regime_count(variants)
+        pool.plan(len(trained_variants) * run_cfg.seeds + n_key * (run_cfg.regime_seeds * len(extra_regimes)
+                                                                    + run_cfg.controlled_seeds * len(controlled)))
         runs = evaluate.run_variants(pool, default, variants, list(range(run_cfg.seeds)), train_cfg)
-        key = evaluate.regime_variants(runs)
+        key = fixed_key or evaluate.regime_variants(runs)
         regimes = {default: [r for r in runs if r.variant in key]}
-        for sampler in regime_samplers:
-            if sampler != default:
-                if run_cfg.progress:
-                    print(f"regime {sampler}: {', '.join(key)}", flush=True)
-                regimes[sampler] = evaluate.run_variants(pool, sampler, key, list(range(run_cfg.regime_seeds)),
-                                                         train_cfg)
+        for regime in [*extra_regimes[: run_cfg.paper_protocol], *controlled, *extra_regimes[run_cfg.paper_protocol :]]:
+            seeds = run_cfg.controlled_seeds if regime in controlled else run_cfg.regime_seeds
+            if run_cfg.progress:
+                print(f"regime {regime}: {', '.join(key)} x {seeds} seeds", flush=True)
+            regimes[regime] = evaluate.run_variants(pool, regime, key, list(range(seeds)), train_cfg)
     runs_cached, runs_trained = pool.cached, pool.trained
     info: dict[str, Any] = {
         "command": "python -m training " + shlex.join(sys.argv[1:]),
@@ -162,6 +195,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "jobs": jobs,
         "runs_trained": runs_trained,
         "runs_cached": runs_cached,
+        "device": resolve_device(train_cfg.device),
+        "controlled": {name: {"gamma": gamma, "sigma": run_cfg.controlled_sigma} for name, gamma in controlled.items()},
     }
     trained = [r for r in runs if r.result is not None]
     if trained:

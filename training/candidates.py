@@ -17,19 +17,26 @@ Samplers:
 
 - ``uniform``: every such item alike;
 - ``popularity``: proportional to (interactions before validation)^power, an exposure-like distribution;
-- ``retrieved``: uniformly from the ``pool`` such items the scoring MF ranks highest.
+- ``retrieved``: uniformly from the ``pool`` such items the scoring MF ranks highest;
+- ``top``: the scoring MF's best items among those u never interacted with at all: the paper's protocol
+  (section 4.1, E.1), with ``retriever.fit_paper_retriever``; it fails the leakage audit (every list of a user
+  shares its negatives) and is reported as a regime, never as a default.
+
+``controlled_lists`` makes the semi-synthetic regime whose retriever informativeness is set on purpose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from training import metrics
 from training.data import ITEM_OFFSET, PAD, Dataset, history
 from training.retriever import PRE_VALID, RetrieverScores, seen_before_valid
 
-SAMPLERS = ("uniform", "popularity", "retrieved")
+SAMPLERS = ("uniform", "popularity", "retrieved", "top")
 SPLITS = ("train", "valid", "test")
 
 
@@ -121,26 +128,69 @@ def build_lists(dataset: Dataset, retr: RetrieverScores, split: str, cfg: ListCo
         # choose, and a test list has none of them among its negatives (module docstring).
         eligible[dataset.seq_items[u][: start + k]] = False
         eligible[before_valid[u]] = False
+        if cfg.sampler == "top":
+            eligible[dataset.seq_items[u]] = False
         pool = np.flatnonzero(eligible)
-        if cfg.sampler == "retrieved":
-            pool = pool[np.lexsort((pool, -scores[pool]))[: cfg.pool]]
-        negatives = draw(rng, pool, base[pool], n_neg)
+        if cfg.sampler == "top":
+            negatives = pool[np.lexsort((pool, -scores[pool]))[:n_neg]]
+        else:
+            if cfg.sampler == "retrieved":
+                pool = pool[np.lexsort((pool, -scores[pool]))[: cfg.pool]]
+            negatives = draw(rng, pool, base[pool], n_neg)
         items[row, :k] = dataset.seq_items[u][start : start + k]
         labels[row, :k] = dataset.seq_z[u][start : start + k]
         items[row, k : k + len(negatives)] = negatives
         row_scores[row] = np.where(items[row] != PAD, scores[items[row]], 0.0)
-    mask = items != PAD
-    order = np.lexsort((items, np.where(mask, -row_scores, np.inf)), axis=1)
-    return CandidateLists(
-        user=slates.user.copy(),
-        items=np.take_along_axis(items, order, axis=1),
-        scores=np.take_along_axis(row_scores, order, axis=1),
-        labels=np.take_along_axis(labels, order, axis=1),
-        mask=np.take_along_axis(mask, order, axis=1),
-        history=history(dataset, slates),
-        profile=dataset.profile()[slates.user],
-        fold=fold,
-    )
+    return in_retriever_order(CandidateLists(
+        user=slates.user.copy(), items=items, scores=row_scores, labels=labels, mask=items != PAD,
+        history=history(dataset, slates), profile=dataset.profile()[slates.user], fold=fold))
+
+
+def in_retriever_order(lists: CandidateLists) -> CandidateLists:
+    """``lists`` with each list's candidates sorted by descending score (ties by item index), padding last."""
+    order = np.lexsort((lists.items, np.where(lists.mask, -lists.scores, np.inf)), axis=1)
+    take = {name: np.take_along_axis(getattr(lists, name), order, axis=1)
+            for name in ("items", "scores", "labels", "mask")}
+    return dataclasses.replace(lists, **take)
+
+
+def with_signal(lists: CandidateLists, gamma: float, sigma: float, seed: int) -> CandidateLists:
+    """Semi-synthetic scores x = sigmoid(logit(s) + gamma (2z - 1) + sigma n), n ~ N(0, 1) seeded, on the real
+    candidates of ``lists`` (s: the MF score), the lists re-sorted by x: a retriever whose informativeness about
+    the label is set by ``gamma`` (and blurred by ``sigma``)."""
+    rng = np.random.default_rng(seed)
+    s = np.clip(lists.scores.astype(np.float64), 1e-4, 1 - 1e-4)
+    logit = np.log(s) - np.log1p(-s) + gamma * (2 * lists.labels - 1) + sigma * rng.standard_normal(s.shape)
+    x = np.where(lists.mask, 1.0 / (1.0 + np.exp(-logit)), 0.0).astype(np.float32)
+    return in_retriever_order(dataclasses.replace(lists, scores=x))
+
+
+def list_auc(lists: CandidateLists) -> float:
+    """Mean list AUC (fraction) of the scores against the labels."""
+    return float(np.nanmean(metrics.auc(lists.scores, lists.labels, lists.mask)))
+
+
+def controlled_lists(lists: dict[str, CandidateLists], target_auc: float, sigma: float = 1.0, seed: int = 0,
+                     tolerance: float = 0.002) -> tuple[dict[str, CandidateLists], float]:
+    """Every split of ``lists`` with semi-synthetic scores (``with_signal``) whose list AUC on the training lists
+    is ``target_auc`` (within ``tolerance``), and the gamma that gives it: found by bisection, since with the
+    noise draws fixed the list AUC rises with gamma. Each split keeps its own seeded noise."""
+    seeds = {split: [seed, i] for i, split in enumerate(lists)}
+
+    def build(gamma: float, split: str) -> CandidateLists:
+        return with_signal(lists[split], gamma, sigma, int(np.random.default_rng(seeds[split]).integers(2**31)))
+
+    lo, hi = -10.0, 10.0
+    if not list_auc(build(lo, "train")) <= target_auc <= list_auc(build(hi, "train")):
+        raise ValueError(f"a list AUC of {target_auc} is out of reach with sigma {sigma}")
+    gamma = 0.0
+    for _ in range(60):
+        gamma = (lo + hi) / 2
+        auc = list_auc(build(gamma, "train"))
+        if abs(auc - target_auc) <= tolerance:
+            break
+        lo, hi = (gamma, hi) if auc < target_auc else (lo, gamma)
+    return {split: build(gamma, split) for split in lists}, gamma
 
 
 def build_all_lists(dataset: Dataset, retr: RetrieverScores, cfg: ListConfig) -> dict[str, CandidateLists]:

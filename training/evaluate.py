@@ -3,7 +3,7 @@
 Owns: which runs a pipeline asks for (variants x seeds, and which variants the regimes table runs); the run
 files the report reads: ``reports/<dataset>_{runs,epochs,lists,scores}.csv``, ``_audit.json`` (the leakage
 audit of every sampler), ``_regimes.csv`` and ``_regime_lists.csv`` (the key variants under each sampler) and
-``_info.json``.
+``_info.json``; ``_noise.csv`` holds the true and synthetic noise densities.
 Does not know: how a variant trains (``train.py``), where runs execute and are cached (``runner.py``), how
 lists are built (``candidates.py``), how the report reads (``report.py``) or exports.
 """
@@ -30,7 +30,9 @@ from training.train import VARIANTS, TrainConfig
 RETRIEVER = "retriever"  # the retriever's own order, no reranking
 BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight", "prm-residual", "prm-late")
 PATHWAYS = BASELINES[1:]  # the baselines that read the retriever score
-SCORE_BINS = 50
+NOISE_BINS = 80
+# Per-epoch figures saved beside validation N@6: the losses, and the list AUC of x' (and of the real x) against z.
+EPOCH_KEYS = ["L_direct", "L_z", "L_adv", "L_x", "xprime_auc", "x_auc"]
 RUN_COLUMNS = ["variant", "seed", "split", "metric", "value", "best_epoch", "seconds_per_epoch", "wall_seconds"]
 
 
@@ -78,12 +80,25 @@ def best_pathway(runs: list[Run]) -> str | None:
     return max(means, key=lambda v: means[v]) if means else None
 
 
+def best_dnr(runs: list[Run]) -> str | None:
+    """The DNR variant (a model-based generator) with the highest mean validation N@6, if any ran."""
+    means = {v: np.mean([r.valid["N@6"] for r in runs if r.variant == v])
+             for v in dict.fromkeys(r.variant for r in runs) if v in VARIANTS and VARIANTS[v].generator}
+    return max(means, key=lambda v: means[v]) if means else None
+
+
 def regime_variants(runs: list[Run]) -> list[str]:
-    """What the regimes table runs under every sampler: the retriever order, PRM, the best score pathway on
-    validation (from the main table) and DNR-G / DNR-B, each only if the main table ran it."""
+    """What the regimes tables run: the retriever order, PRM, the best score pathway and the best DNR variant on
+    validation (from the main table), each only if the main table ran it."""
     ran = {r.variant for r in runs}
-    wanted = [RETRIEVER, "prm", best_pathway(runs), "dnr-g", "dnr-b"]
+    wanted = [RETRIEVER, "prm", best_pathway(runs), best_dnr(runs)]
     return [v for v in dict.fromkeys(wanted) if v is not None and v in ran]
+
+
+def regime_count(variants: list[str]) -> int:
+    """How many trained variants ``regime_variants`` will pick, known before anything trains."""
+    return (("prm" in variants) + any(v in PATHWAYS for v in variants)
+            + any(v in VARIANTS and VARIANTS[v].generator for v in variants))
 
 
 def _run_rows(runs: list[Run]) -> list[list[object]]:
@@ -138,33 +153,33 @@ def save_runs(out_dir: Path, dataset: Dataset, lists: dict[str, CandidateLists],
         writer = csv.writer(f)
         writer.writerow(RUN_COLUMNS)
         writer.writerows(_run_rows(runs))
-    loss_keys = ["L_direct", "L_z", "L_adv", "L_x"]
     with open(out_dir / f"{name}_epochs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "seed", "epoch", "seconds", *loss_keys, "valid_N@6"])
+        writer.writerow(["variant", "seed", "epoch", "seconds", *EPOCH_KEYS, "valid_N@6"])
         for r in runs:
             for e in r.result.epochs if r.result is not None else []:
                 writer.writerow([r.variant, r.seed, int(e["epoch"]), round(e["seconds"], 3),
-                                 *(round(e[k], 5) if k in e else "" for k in loss_keys), round(e["valid_N@6"], 4)])
+                                 *(round(e[k], 5) if k in e else "" for k in EPOCH_KEYS), round(e["valid_N@6"], 4)])
     # Per test list, N@6 averaged over seeds: the unit of the per-list paired test.
     with open(out_dir / f"{name}_lists.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["list", *dict.fromkeys(r.variant for r in runs)])
         writer.writerows(_list_rows(runs))
-    # Score distributions (the paper's Figure 5 analogue): real scores on train and test lists, and x' as the
-    # first seed of each synthetic variant last produced it on the validation lists.
-    samples = {"real (train lists)": lists["train"].scores[lists["train"].mask],
-               "real (test lists)": lists["test"].scores[lists["test"].mask]}
+    # Noise distributions (the paper's Figure 5): the true noise x - z of the real scores on the validation lists,
+    # and the synthetic noise x' - z of the first seed of each synthetic variant as its last noise made it there.
+    valid = lists["valid"]
+    samples = {"true noise x - z": (valid.scores - valid.labels)[valid.mask]}
     for r in runs:
-        if r.result is not None and r.result.synthetic is not None and r.variant not in {
-                s.split(" ")[0] for s in samples}:
-            samples[f"{r.variant} x'"] = r.result.synthetic
-    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
-    with open(out_dir / f"{name}_scores.csv", "w", newline="") as f:
+        res = r.result
+        if res is not None and res.synthetic is not None and res.synthetic_z is not None and \
+                f"{r.variant} x' - z" not in samples:
+            samples[f"{r.variant} x' - z"] = res.synthetic - res.synthetic_z
+    edges = np.linspace(-1.0, 1.0, NOISE_BINS + 1)
+    with open(out_dir / f"{name}_noise.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "bin_low", "bin_high", "density"])
         for source, values in samples.items():
-            density, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=edges, density=True)
+            density, _ = np.histogram(np.clip(values, -1.0, 1.0), bins=edges, density=True)
             writer.writerows([source, round(lo, 4), round(hi, 4), round(float(d), 5)]
                              for lo, hi, d in zip(edges[:-1], edges[1:], density, strict=True))
     info = {**info, "stats_table": stats_table(dataset), "date": time.strftime("%Y-%m-%d"),

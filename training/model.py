@@ -207,7 +207,8 @@ class Reranker(nn.Module):
             pooled = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # (B, D)
         else:
             # 0 x (a sum over the input) keeps the input in the exported graph, whatever its width (even 0).
-            pooled = torch.zeros(history.shape[0], self.cfg.hidden) + 0.0 * valid.sum(-1, keepdim=True)
+            pooled = torch.zeros(history.shape[0], self.cfg.hidden, device=history.device) + 0.0 * valid.sum(
+                -1, keepdim=True)
         if self.cfg.user_field_sizes and self.cfg.side_features:
             prof = self.user_fields([profile[:, i : i + 1] for i in range(len(self.cfg.user_field_sizes))])
         else:
@@ -243,22 +244,27 @@ class Reranker(nn.Module):
             x = block(x, bias)
         return self.norm(x), user, candidates
 
-    def score_feature(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score_input(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) what a score pathway reads: the raw score (the residual pathway: its logit), or the logit
-        standardised within each list (``score_input`` list)."""
+        standardised within each list (``score_input`` list). Pure: no dropout, no parameters."""
         if self.cfg.score_input == "raw":
-            feature = score_logit(scores) if self.cfg.pathway == "residual" else scores
-        else:
-            feature = list_standardised(score_logit(scores), mask)
-        if self.training and self.cfg.score_dropout > 0:
+            return score_logit(scores) if self.cfg.pathway == "residual" else scores
+        return list_standardised(score_logit(scores), mask)
+
+    def score_feature(self, scores: torch.Tensor, mask: torch.Tensor, drop: bool = True) -> torch.Tensor:
+        """``score_input``, blanked for ``score_dropout`` of the lists in training when ``drop``."""
+        feature = self.score_input(scores, mask)
+        if drop and self.training and self.cfg.score_dropout > 0:
             # A list without its score must be ranked from the items and the user alone, so the encoder keeps
             # learning after the score has explained what it can.
             feature = feature * (torch.rand(feature.shape[0], 1, device=feature.device) >= self.cfg.score_dropout)
         return feature
 
-    def score_logits(self, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) logits from encoded candidates ``h`` and ``scores`` (read here on a late pathway only)."""
-        s = self.score_feature(scores, mask)[..., None]
+    def score_logits(self, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, drop: bool = True
+                     ) -> torch.Tensor:
+        """(B, L) logits from encoded candidates ``h`` and ``scores`` (read here on a late pathway only);
+        ``drop`` False: no score dropout (DNR's synthetic scores are never blanked)."""
+        s = self.score_feature(scores, mask, drop)[..., None]
         if self.cfg.pathway == "late":
             h = torch.cat([h, self.score_mlp(s)], dim=-1)
         logits = self.head(h).squeeze(-1)

@@ -163,3 +163,14 @@ def heldout_auc(dataset: Dataset, scores: np.ndarray) -> float:
             ties = np.searchsorted(neg_scores, scores[u, pos], side="right") - below
             aucs.append(float(((below + 0.5 * ties) / len(neg_scores)).mean()))
     return float(np.mean(aucs))
+
+
+def fit_paper_retriever(dataset: Dataset, cfg: RetrieverConfig, share: float = 0.8) -> RetrieverScores:
+    """The paper's retriever (Appendix D.1, E.1): one MF fitted on a random ``share`` of all interactions,
+    validation and test slates included, scoring every list. Not leak-free: it has seen most of the slates it
+    scores, train and test alike; the audit says so."""
+    rng = np.random.default_rng([cfg.seed, 80])
+    kept = [items[rng.random(len(items)) < share] for items in dataset.seq_items]
+    scores = fit_mf(dataset, kept, cfg, "paper retriever")
+    return RetrieverScores(scores, [scores], np.zeros(len(dataset.splits["train"]), dtype=np.int64))
+

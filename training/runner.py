@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -23,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training import metrics
 from training.candidates import CandidateLists
 from training.data import Dataset
-from training.train import TrainConfig, TrainResult, predict, train
+from training.train import TrainConfig, TrainResult, predict, resolve_device, train
 
 
 @dataclass
@@ -74,9 +76,12 @@ class RunCache:
     code: str = field(default_factory=lambda: code_hash())
 
     def path(self, sampler: str, cfg: TrainConfig) -> Path:
-        doc = {"code": self.code, "context": self.context, "sampler": sampler, "train": dataclasses.asdict(cfg)}
+        # The device that runs, not the setting: an "auto" run on a GPU host is not the CPU run of the same key.
+        train_doc = dataclasses.asdict(dataclasses.replace(cfg, device=resolve_device(cfg.device)))
+        doc = {"code": self.code, "context": self.context, "sampler": sampler, "train": train_doc}
         key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        return self.folder / f"{cfg.variant}-seed{cfg.seed}-{sampler}-{key}.pt"
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", sampler).strip("-")
+        return self.folder / f"{cfg.variant}-seed{cfg.seed}-{slug}-{key}.pt"
 
     def load(self, sampler: str, cfg: TrainConfig) -> Run | None:
         path = self.path(sampler, cfg)
@@ -131,11 +136,31 @@ class Runner:
         self._pool: ProcessPoolExecutor | None = None
         self.cached = 0  # runs read from the cache (trained by an earlier invocation)
         self.trained = 0  # runs trained by this one
+        self._bar: tqdm[Any] | None = None
+
+    def plan(self, total: int) -> None:
+        """Show one progress bar over the ``total`` runs this runner will be asked for: runs trained, runs left
+        and an ETA from the runs trained so far (a run found in the cache leaves the count, not the rate)."""
+        if self.progress and total > 0:
+            self._bar = tqdm(total=total, desc="runs", unit="run", dynamic_ncols=True)
+
+    def _advance(self, cached: bool) -> None:
+        if self._bar is None:
+            return
+        if cached:
+            self._bar.total = max(self._bar.n, (self._bar.total or 0) - 1)
+            self._bar.set_postfix(cached=self.cached)
+            self._bar.refresh()
+        else:
+            self._bar.update(1)
 
     def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
@@ -156,6 +181,7 @@ class Runner:
                 done[i] = cached
                 self.cached += 1
                 self._report(sampler, cached, "cached")
+                self._advance(cached=True)
             else:
                 todo.append(i)
         for i, run in self._train(sampler, [(i, cfgs[i]) for i in todo]):
@@ -164,6 +190,7 @@ class Runner:
             done[i] = run
             self.trained += 1
             self._report(sampler, run, "")
+            self._advance(cached=False)
         return [done[i] for i in range(len(cfgs))]
 
     def _train(self, sampler: str, jobs: list[tuple[int, TrainConfig]]) -> Iterator[tuple[int, Run]]:
@@ -179,6 +206,6 @@ class Runner:
         if not self.progress:
             return
         where = f" [{sampler}]" if len(self.lists_of) > 1 else ""
-        print(f"  {run.variant:<12} seed {run.seed}{where}: test N@6 {run.test['N@6']:.2f}, valid N@6 "
+        tqdm.write(f"  {run.variant:<12} seed {run.seed}{where}: test N@6 {run.test['N@6']:.2f}, valid N@6 "
               f"{run.valid['N@6']:.2f} (epoch {run.best_epoch}), {run.seconds_per_epoch:.1f} s/epoch"
-              f"{' (' + note + ')' if note else ''}", flush=True)
+              f"{' (' + note + ')' if note else ''}")
