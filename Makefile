@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The variant `make model` builds when models/ is empty (the best on validation in reports/ml100k.md).
-DEFAULT_VARIANT ?= prm
+# The variant `make model` builds when models/ is empty: the best on validation in the committed pipeline report
+# (reports/ml100k_info.json, best_variant), so the default model follows the evidence; prm if there is none.
+DEFAULT_VARIANT ?= $(shell python3 -c "import json; print(json.load(open('reports/ml100k_info.json'))['best_variant'])" 2>/dev/null || echo prm)
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline dnr-choices bench bench-gpu loadtest lock image-check faults clean
+.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline capacity dnr-choices bench bench-gpu loadtest lock image-check faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,8 +46,8 @@ test: lint typecheck validate pytest
 
 # A servable model in a few minutes: one seed of DEFAULT_VARIANT on ML-100K, default lists, no regimes table.
 model: $(STAMP)
-	$(PY) -m training pipeline --variants $(DEFAULT_VARIANT) --seeds 1 --regime-samplers "" \
-	  --out-reports build/reports --version ml100k-$(DEFAULT_VARIANT)-default
+	$(PY) -m training pipeline --variants $(DEFAULT_VARIANT) --seeds 1 --regime-samplers "" --no-paper-protocol \
+	  --controlled-aucs "" --out-reports build/reports --version ml100k-$(DEFAULT_VARIANT)-default
 
 # Runs the service on 127.0.0.1:8000 (RERANK_* settings, see .env.example), building a model first if
 # models/ has none. Uses Redis when RERANK_REDIS_URL is set.
@@ -67,6 +68,11 @@ TRAIN_DEVICE ?= auto
 pipeline: $(STAMP)
 	$(PY) -m training pipeline --jobs $(JOBS) --threads 1 --device $(TRAIN_DEVICE) --variants $(PIPELINE_VARIANTS) \
 	  --seeds 5 --regime-seeds 2 --controlled-seeds 3
+
+# Quality against serving cost for the shipped variant: hidden 64 x 1 layer (the default) and 128 x 2 (the paper's
+# size), 2 seeds each, each exported in fp32 and int8: reports/ml100k_capacity.md. Reuses the pipeline's runs.
+capacity: $(STAMP)
+	$(PY) -m training capacity --variant $(DEFAULT_VARIANT) --capacities 64x1,128x2 --seeds 2 --jobs $(JOBS) --threads 1
 
 # The knobs the paper leaves open, one at a time, for dnr-g on validation, 3 seeds each with PRM on the same
 # seeds beside them: reports/ml100k_choices.md (~60 min on 2 cores).

@@ -24,7 +24,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.admission import Gate
 from service.errors import error_body
 
-SUPPORTED = ("0.54.",)  # uvicorn releases whose httptools protocol this subclass was written against and tested
+SUPPORTED = ("0.54.", "0.55.")  # uvicorn releases whose httptools protocol this subclass was written against and tested
+# 0.55: its httptools protocol differs from 0.54 only in header-value whitespace, the upgrade path and a Python<3.11
+# branch; none of the attributes used here changed, and tests/test_admission.py passes on it.
 
 
 class UnsupportedUvicorn(RuntimeError):
@@ -33,7 +35,8 @@ class UnsupportedUvicorn(RuntimeError):
 
 def check_version(version: str = uvicorn.__version__) -> None:
     if not version.startswith(SUPPORTED):
-        raise UnsupportedUvicorn(f"RERANK_ADMISSION_DOOR=parser is written for uvicorn {', '.join(SUPPORTED)}x, "
+        written_for = ", ".join(v + "x" for v in SUPPORTED)
+        raise UnsupportedUvicorn(f"RERANK_ADMISSION_DOOR=parser is written for uvicorn {written_for}, "
                                  f"this is {version}: use RERANK_ADMISSION_DOOR=asgi (the default)")
 
 

@@ -187,13 +187,17 @@ def test_ml100k_short_prm_run_beats_the_retriever_order_on_validation(
 
 @pytest.mark.slow
 def test_ml100k_pipeline_prints_and_reports_the_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A small ML-100K run through the CLI: no training, the audit of the default and one other sampler."""
+    """A small ML-100K run through the CLI: no training, the audit of the default sampler, one other sampler and
+    the paper's own protocol (one MF on 80% of all interactions, its top never-seen items as negatives)."""
     code = main(["pipeline", "--variants", "retriever", "--mf-epochs", "6", "--regime-samplers", "retrieved",
-                 "--out-reports", str(tmp_path), "--no-export", "--no-progress"])
+                 "--controlled-aucs", "", "--out-reports", str(tmp_path), "--no-export", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     assert "leakage audit, sampler popularity: VALID" in out
     assert "LEAKAGE AUDIT, sampler retrieved: INVALID" in out
+    # The paper's protocol fails the audit: every list of a user shares its negatives, which a memory of past
+    # labels ranks last.
+    assert "LEAKAGE AUDIT, paper protocol: INVALID" in out and "memorisation" in out.split("paper protocol: INVALID")[1]
     report = (tmp_path / "ml100k.md").read_text()
     sections = [line for line in report.splitlines() if line.startswith("## ")]
     assert sections[0] == "## Leakage audit"

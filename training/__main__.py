@@ -7,6 +7,7 @@
     python -m training pipeline --variants prm,prm-concat --seeds 3 --out-reports reports --out-models models
     python -m training pipeline --variants prm-concat,dnr-g --lambda-e 5 --lx-estimator w1
     python -m training report --name ml100k        # redraw reports/ml100k.md and its plots from the saved runs
+    python -m training capacity --variant prm --capacities 64x1,128x2   # N@6 beside CPU cost, fp32 and int8
     python -m training pipeline --dataset ml1m --path ~/data/ml-1m
     python -m training pipeline --dataset table --path ratings.parquet --users users.csv --items items.csv
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import shlex
 import sys
 import time
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from training import audit, candidates, data, evaluate, export, report, retriever, runner
+from training import audit, candidates, capacity, data, evaluate, export, report, retriever, runner
 from training.train import VARIANTS, TrainConfig, resolve_device
 
 T = TypeVar("T")
@@ -126,6 +128,14 @@ def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: c
     return lists, result
 
 
+def run_cache(folder: str, dataset: data.Dataset, data_cfg: DataConfig, retr_cfg: retriever.RetrieverConfig,
+              list_cfg: candidates.ListConfig) -> runner.RunCache | None:
+    """The run cache shared by every command over the same data, retrievers and lists ("" for none)."""
+    context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
+               "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
+    return runner.RunCache(Path(folder) / dataset.name, context) if folder else None
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data_cfg = from_args(DataConfig, args)
@@ -168,9 +178,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     extra_regimes = [*([PAPER] if run_cfg.paper_protocol else []), *(s for s in regime_samplers if s != default)]
 
     jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
-    context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
-               "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
-    cache = runner.RunCache(Path(run_cfg.run_cache) / dataset.name, context) if run_cfg.run_cache else None
+    cache = run_cache(run_cfg.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
     with runner.Runner(dataset, lists_of, jobs, cache, run_cfg.progress) as pool:
         trained_variants = [v for v in variants if v != evaluate.RETRIEVER]
         n_key = len([v for v in fixed_key if v != evaluate.RETRIEVER]) if fixed_key else evaluate.regime_count(variants)
@@ -246,6 +254,32 @@ def cmd_choices(args: argparse.Namespace) -> None:
     print(f"choices: {path}", flush=True)
 
 
+def cmd_capacity(args: argparse.Namespace) -> None:
+    data_cfg = from_args(DataConfig, args)
+    retr_cfg = from_args(retriever.RetrieverConfig, args, "mf_")
+    list_cfg = from_args(candidates.ListConfig, args)
+    train_cfg = dataclasses.replace(from_args(TrainConfig, args), variant=args.variant)
+    capacities = capacity.parse_capacities(args.capacities)
+    dataset = load_dataset(data_cfg)
+    lists, _ = audited_lists(dataset, retriever.fit_retrievers(dataset, retr_cfg), list_cfg)
+    cfgs = [dataclasses.replace(train_cfg, hidden=h, layers=n, seed=seed) for h, n in capacities
+            for seed in range(args.seeds)]
+    cache = run_cache(args.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
+    with runner.Runner(dataset, {list_cfg.sampler: lists}, args.jobs or runner.default_jobs(train_cfg.threads),
+                       cache, args.progress) as pool:
+        pool.plan(len(cfgs))
+        runs = pool.run(list_cfg.sampler, cfgs)
+    rows = []
+    for cfg, run in zip(cfgs, runs, strict=True):
+        assert run.result is not None
+        rows += capacity.measure(run.result.model, f"{cfg.hidden}x{cfg.layers}", cfg.seed, lists)
+    info = {"cpu": platform.processor() or platform.machine(), "onnxruntime": capacity.ort.__version__,
+            "threads_training": train_cfg.threads}
+    path = capacity.write(args.out_reports, dataset.name, args.variant, rows,
+                          "python -m training " + shlex.join(sys.argv[1:]), info)
+    print(f"capacity: {path}", flush=True)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {report.write_report(args.out_reports, args.name)}")
 
@@ -276,6 +310,22 @@ def parser() -> argparse.ArgumentParser:
                          help="training processes at once (default 0: one per --threads cores)")
     choices.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     choices.set_defaults(func=cmd_choices)
+    cap = sub.add_parser("capacity", help="a variant at each capacity, fp32 and int8: N@6 beside serving cost")
+    add_config(cap, DataConfig)
+    add_config(cap, candidates.ListConfig)
+    add_config(cap, retriever.RetrieverConfig, "mf_")
+    add_config(cap, TrainConfig, skip=("variant", "seed", "hidden", "layers"))
+    cap.add_argument("--variant", default="prm", help="the variant to measure (default: prm)")
+    cap.add_argument("--capacities", default="64x1,128x2",
+                     help="HIDDENxLAYERS, comma-separated (default: 64x1,128x2; the paper's size is 128x2)")
+    cap.add_argument("--seeds", type=int, default=1, help="seeds per capacity (default: 1)")
+    cap.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    cap.add_argument("--jobs", type=int, default=0, help="training processes at once (default 0: one per --threads "
+                     "cores)")
+    cap.add_argument("--run-cache", default="build/runs", help="folder of finished runs, shared with the pipeline "
+                     "(default: build/runs); empty: no cache")
+    cap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    cap.set_defaults(func=cmd_capacity)
     redraw = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")
     redraw.add_argument("--name", default="ml100k", help="dataset name of the run files (default: ml100k)")
     redraw.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")

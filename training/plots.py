@@ -126,7 +126,7 @@ def controlled(rows: list[dict[str, Any]], path: Path) -> None:
         for variant in dict.fromkeys(r["variant"] for r in rows):
             part = sorted((r for r in rows if r["variant"] == variant and key in r), key=lambda r: r["auc_test"])
             if part:
-                ax.errorbar([100 * r["auc_test"] for r in part], [r[key]["diff"] for r in part],
+                ax.errorbar([r["auc_test"] for r in part], [r[key]["diff"] for r in part],
                             yerr=[r[key]["std"] for r in part], marker="o", capsize=3, label=variant)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xlabel("retriever list AUC on the test lists (%)")

@@ -297,7 +297,7 @@ CONTROLLED = "controlled"  # the name prefix of the semi-synthetic regimes
 
 def controlled_rows(regimes: list[dict[str, str]], regime_lists: list[dict[str, str]], audit: dict[str, Any]
                     ) -> list[dict[str, Any]]:
-    """Per controlled regime and DNR variant: the training and test lists' list AUC and DNR's test N@6 minus
+    """Per controlled regime and DNR variant: the training and test lists' list AUC (%) and DNR's test N@6 minus
     PRM's and minus the best score pathway's there (paired by seed), with the spread and the two tests."""
     out = []
     for regime in dict.fromkeys(r["sampler"] for r in regimes if r["sampler"].startswith(CONTROLLED)):
@@ -334,7 +334,7 @@ def _controlled_section(rows: list[dict[str, Any]]) -> list[str]:
             d = r.get(key)
             cells.append(f"{d['diff']:+.2f} ± {d['std']:.2f} over {d['seeds']} seeds vs {d['against']} "
                          f"({d['t_p']:.3g}, {d['wilcoxon_p']:.3g})" if d else "")
-        lines.append(f"| {r['regime']} | {r['variant']} | {100 * r['auc_train']:.1f} / {100 * r['auc_test']:.1f} | "
+        lines.append(f"| {r['regime']} | {r['variant']} | {r['auc_train']:.1f} / {r['auc_test']:.1f} | "
                      + " | ".join(cells) + " |")
     return lines
 
@@ -562,6 +562,11 @@ def write_report(out_dir: Path, name: str) -> Path:
         f"![DNR losses and x' AUC per epoch]({name}_dnr.png)",
         "",
         f"![synthetic against true noise]({name}_noise.png)",
+        "",
+        "The noise plot is on the raw score scale. The reranker reads each score as its logit standardised within the "
+        "list, and L_x matches x' to the real scores there (per label), so a learned x' may sit at another raw "
+        "calibration than the real scores without the reranker seeing any difference; the x' AUC above is what it "
+        "does see.",
         "",
         "Runs that did not learn (best epoch 0 or 1, or validation N@6 not above the retriever order's): "
         + ("; ".join(stalled) if stalled else "none") + ".",
