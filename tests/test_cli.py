@@ -91,7 +91,10 @@ def test_pipeline_writes_report_csv_and_model(tmp_path: Path, synthetic_files: t
         runs = [r for r in csv.DictReader(f) if r["split"] == "valid" and r["metric"] == "N@6"]
     valid = {v: sum(float(r["value"]) for r in runs if r["variant"] == v)
              for v in ("prm", "prm-add", "prm-concat", "g", "dnr-b")}
-    assert manifest["config"]["reranker"]["variant"] == max(valid, key=lambda v: valid[v])
+    info = json.loads((reports / "ratings_info.json").read_text())
+    assert info["best_variant"] == max(valid, key=lambda v: valid[v])
+    assert manifest["config"]["reranker"]["variant"] == info["shipped_variant"]
+    assert f"Ships (the exported default, what `make model` builds): **{info['shipped_variant']}**" in report
     assert manifest["max_candidates"] == 20
 
     # The report is redrawn from the saved run files alone, identically.
@@ -172,9 +175,9 @@ def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic
 def test_make_model_builds_the_variant_the_report_picked_on_validation() -> None:
     root = Path(__file__).resolve().parents[1]
     report = (root / "reports" / "ml100k.md").read_text()
-    best = re.search(r"Best variant on validation N@6: \*\*([\w-]+)\*\*", report)
+    best = re.search(r"Ships \(the exported default, what `make model` builds\): \*\*([\w-]+)\*\*", report)
     assert best, "the report lost its marker"
-    assert json.loads((root / "reports" / "ml100k_info.json").read_text())["best_variant"] == best.group(1)
+    assert json.loads((root / "reports" / "ml100k_info.json").read_text())["shipped_variant"] == best.group(1)
     # make model reads the variant from the committed report's run files (a dry run shows the command).
     dry = subprocess.run(["make", "-s", "-n", "model"], cwd=root, capture_output=True, text=True, check=True).stdout
     assert f"--variants {best.group(1)} " in dry and f"--version ml100k-{best.group(1)}-default" in dry

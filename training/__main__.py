@@ -209,6 +209,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     trained = [r for r in runs if r.result is not None]
     if trained:
         info["best_variant"] = evaluate.best_variant(runs)
+        info["shipped_variant"], info["shipped_because"] = evaluate.shipped_variant(runs)
     info["wall_seconds"] = round(time.perf_counter() - t0)
     evaluate.save_runs(run_cfg.out_reports, dataset, lists, runs, info)
     evaluate.save_audits(run_cfg.out_reports, dataset.name, audits, default)
@@ -219,7 +220,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
               f"{'!' * 100}", flush=True)
 
     if run_cfg.export and trained:
-        best = info["best_variant"]
+        best = info["shipped_variant"]
         # The best variant's seed with the best validation N@6 (the choice never looks at test).
         run = max((r for r in trained if r.variant == best), key=lambda r: r.valid["N@6"])
         assert run.result is not None

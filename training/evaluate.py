@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
 from training import metrics
 from training.audit import Audit
@@ -69,8 +70,36 @@ def run_variants(runner: Runner, sampler: str, variants: list[str], seeds: list[
 def best_variant(runs: list[Run]) -> str:
     """The trained variant with the highest mean validation N@6 (never chosen on test)."""
     means = {v: np.mean([r.valid["N@6"] for r in runs if r.variant == v])
-             for v in dict.fromkeys(r.variant for r in runs if r.result is not None)}
+             for v in dict.fromkeys(r.variant for r in runs if r.variant != RETRIEVER)}
     return max(means, key=lambda v: means[v])
+
+
+SHIP_P = 0.05  # a DNR variant ships only if it beats the best baseline on validation with a paired t-test p below it
+
+
+def shipped_variant(runs: list[Run]) -> tuple[str, str]:
+    """(the variant to export, why). The best variant on validation N@6 ships, unless it is a DNR variant that is
+    not ahead of the best baseline (PRM or a score pathway) on validation by a paired t-test over seeds at
+    ``SHIP_P``: then the baseline ships, since a DNR model costs more to train and explain, and a margin inside
+    the seed-to-seed noise is no evidence that it ranks better. Never chosen on test."""
+    best = best_variant(runs)
+    if best not in VARIANTS or not VARIANTS[best].synthetic:
+        return best, "the best variant on validation N@6"
+    baselines = [v for v in dict.fromkeys(r.variant for r in runs) if v in BASELINES]
+    if not baselines:
+        return best, "the best variant on validation N@6 (no baseline ran)"
+    valid = {v: {r.seed: r.valid["N@6"] for r in runs if r.variant == v} for v in [best, *baselines]}
+    base = max(baselines, key=lambda v: float(np.mean(list(valid[v].values()))))
+    seeds = sorted(set(valid[best]) & set(valid[base]))
+    diffs = np.array([valid[best][s] - valid[base][s] for s in seeds])
+    p = float(stats.ttest_rel([valid[best][s] for s in seeds], [valid[base][s] for s in seeds]).pvalue) \
+        if len(seeds) > 1 and np.any(diffs != 0) else float("nan")
+    if diffs.mean() > 0 and p < SHIP_P:
+        return best, (f"the best variant on validation N@6, ahead of {base} by {diffs.mean():+.2f} "
+                      f"(paired t-test over {len(seeds)} seeds p {p:.3g})")
+    return base, (f"the best baseline on validation N@6: the best variant, {best}, is ahead of it by only "
+                  f"{diffs.mean():+.2f} on validation (paired t-test over {len(seeds)} seeds p {p:.3g}, not below "
+                  f"{SHIP_P}), which is no evidence that it ranks better")
 
 
 def best_pathway(runs: list[Run]) -> str | None:

@@ -457,7 +457,10 @@ def write_report(out_dir: Path, name: str) -> Path:
         plots.controlled(controlled, out_dir / f"{name}_controlled.png")
 
     best = info.get("best_variant") or (max(valid_n6, key=lambda v: valid_n6[v]) if valid_n6 else "")
-    settings = {k: v for k, v in info.items() if k not in {"command", "stats_table", "best_variant"}}
+    shipped = info.get("shipped_variant", best)
+    because = info.get("shipped_because", "the best variant on validation N@6")
+    settings = {k: v for k, v in info.items()
+                if k not in {"command", "stats_table", "best_variant", "shipped_variant", "shipped_because"}}
     banner = [] if default_audit["valid"] else [
         f"> **INVALID PROTOCOL.** The default sampler `{default}` fails the leakage audit: "
         + "; ".join(default_audit["reasons"]) + ". No figure below measures the reranker.", ""]
@@ -506,8 +509,10 @@ def write_report(out_dir: Path, name: str) -> Path:
         "",
         *_table(summarise(runs, "valid")),
         "",
-        f"Best variant on validation N@6: **{best}** (the exported default). Best baseline on validation N@6: "
-        f"**{best_base}**; best score pathway: **{best_pathway}**.",
+        f"Best variant on validation N@6: **{best}**. Best baseline on validation N@6: **{best_base}**; best score "
+        f"pathway: **{best_pathway}**.",
+        "",
+        f"Ships (the exported default, what `make model` builds): **{shipped}**, {because}.",
         "",
         "## Significance (test N@6, two-sided)",
         "",
