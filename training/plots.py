@@ -107,7 +107,8 @@ def dnr_curves(epochs: list[dict[str, str]], variants: list[str], path: Path) ->
             ax.set_title(key, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
