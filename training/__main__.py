@@ -175,19 +175,20 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"{name}: gamma {controlled[name]:.3f}, list AUC train {audits[name].list_auc['train']:.2f}, "
               f"test {audits[name].list_auc['test']:.2f} (semi-synthetic)", flush=True)
     # The paper's protocol and the controlled regimes run before the other samplers: they answer the first question.
-    extra_regimes = [*([PAPER] if run_cfg.paper_protocol else []), *(s for s in regime_samplers if s != default)]
+    paper = [PAPER] if run_cfg.paper_protocol else []
+    other_samplers = [s for s in regime_samplers if s != default]
 
     jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
     cache = run_cache(run_cfg.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
     with runner.Runner(dataset, lists_of, jobs, cache, run_cfg.progress) as pool:
         trained_variants = [v for v in variants if v != evaluate.RETRIEVER]
         n_key = len([v for v in fixed_key if v != evaluate.RETRIEVER]) if fixed_key else evaluate.regime_count(variants)
-        pool.plan(len(trained_variants) * run_cfg.seeds + n_key * (run_cfg.regime_seeds * len(extra_regimes)
+        pool.plan(len(trained_variants) * run_cfg.seeds + n_key * (run_cfg.regime_seeds * len(paper + other_samplers)
                                                                     + run_cfg.controlled_seeds * len(controlled)))
         runs = evaluate.run_variants(pool, default, variants, list(range(run_cfg.seeds)), train_cfg)
         key = fixed_key or evaluate.regime_variants(runs)
         regimes = {default: [r for r in runs if r.variant in key]}
-        for regime in [*extra_regimes[: run_cfg.paper_protocol], *controlled, *extra_regimes[run_cfg.paper_protocol :]]:
+        for regime in [*paper, *controlled, *other_samplers]:
             seeds = run_cfg.controlled_seeds if regime in controlled else run_cfg.regime_seeds
             if run_cfg.progress:
                 print(f"regime {regime}: {', '.join(key)} x {seeds} seeds", flush=True)

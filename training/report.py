@@ -20,7 +20,7 @@ from scipy import stats
 
 from training import metrics, plots
 from training.evaluate import BASELINES, PATHWAYS, RETRIEVER
-from training.train import VARIANTS
+from training.train import VARIANTS, TrainConfig
 
 # The paper's ML-1M test N@6 (%), as quoted in DESIGN.md section 2; the paper's other cells are not copied here.
 PAPER_ML1M_N6 = {"prm": 72.85, "prm-concat": 76.73, "dnr-g": 77.67, "dnr-b": 77.12}
@@ -355,8 +355,7 @@ def _bar_lines(test_rows: list[dict[str, object]], bar: tuple[str, float]) -> li
 
 def switch_epoch(reranker: dict[str, Any]) -> int:
     """The last heuristic epoch of the settings that ran (``TrainConfig.switch_epoch``)."""
-    lambda_e, epochs = float(reranker.get("lambda_e", 0)), int(reranker.get("epochs", 0))
-    return round(lambda_e * epochs) if lambda_e < 1 else int(lambda_e)
+    return TrainConfig(epochs=int(reranker.get("epochs", 0)), lambda_e=float(reranker.get("lambda_e", 0))).switch_epoch
 
 
 def _mean_at(rows: list[dict[str, str]], key: str, pick: str, switch: int = 0) -> float:
