@@ -54,6 +54,12 @@ from service.model import Job, RerankModel, find_version
 
 P99_BUDGET_MS = 10.0
 HANDLER = "rerank_request_duration_seconds"
+REFUSAL = "rerank_refusal_duration_seconds"  # the admission door's 429s (services that export it)
+DEADLINE_S = 0.100  # the service's default deadline: the bodies carry no timeout_ms
+# Admission targets (issue 24): where the Little's-law wait (connections / peak model answers/s) fits the deadline,
+# refusals <= 1% of answers; where it does not, the door's 429 p99 <= 5 ms and >= 99% of admitted requests are
+# answered by the model inside their deadline (not a deadline fallback).
+ADMISSION = {"refusals_per_answer": 0.01, "refusal_p99_ms": 5.0, "admitted_on_time": 0.99}
 TARGETS = {"workers_speedup": 1.5, "cpu_per_request_vs_parts": 1.2, "c1_p50_vs_bound": 1.3}
 WRK_SCRIPT = r"""
 local requests, i = {}, 0
@@ -280,10 +286,11 @@ def scrape(url: str) -> dict[str, Any]:
     def total(name: str, labels: str = "") -> float:
         return sum(float(v) for v in re.findall(rf"^{name}{{?{labels}[^ ]*\}}? (\S+)$", text, re.M))
 
+    hists = histograms(url, [HANDLER, REFUSAL])
     return {"2xx": total("rerank_requests_total", 'status="2xx"'),
             "requests": total("rerank_requests_total"), "fallbacks": total("rerank_fallbacks_total"),
             "batches": total("rerank_batch_size_count"), "batched": total("rerank_batch_size_sum"),
-            "handler": histograms(url, [HANDLER])[HANDLER]}
+            "handler": hists[HANDLER], "refusal": hists[REFUSAL]}
 
 
 def server_side(target: Target, before: dict[str, Any] | None) -> dict[str, Any]:
@@ -291,7 +298,10 @@ def server_side(target: Target, before: dict[str, Any] | None) -> dict[str, Any]
         return {}
     after = scrape(target.url)
     batches = after["batches"] - before["batches"]
+    refused = after["refusal"] and after["refusal"][float("inf")] - before["refusal"].get(float("inf"), 0.0)
     return {"server_p50_ms": round(quantile(before["handler"], after["handler"], 0.5) * 1000, 3),
+            "refusal_p99_ms": round(quantile(before["refusal"], after["refusal"], 0.99) * 1000, 3) if refused else None,
+            "answers": int(after["2xx"] - before["2xx"]),
             "server_p99_ms": round(quantile(before["handler"], after["handler"], 0.99) * 1000, 3),
             "server_non_2xx": int(after["requests"] - before["requests"] - (after["2xx"] - before["2xx"])),
             "fallbacks": int(after["fallbacks"] - before["fallbacks"]),
@@ -324,9 +334,12 @@ def closed_level(target: Target, connections: int, duration_s: float, script: Pa
            "p90_ms": pct["90"] / 1000, "p99_ms": pct["99"] / 1000, "p99.9_ms": pct["99.9"] / 1000,
            "non_2xx": w["status"], "socket_errors": errors,
            "server_cpu_us_per_request": round(server_cpu / max(w["requests"], 1) * 1e6, 1),
+           "server_cpu_s": round(server_cpu, 3), "wall_s": round(wall, 3),
            "server_cores_busy": round(server_cpu / wall, 2),
            "wrk_cores_busy": round((usage.ru_utime + usage.ru_stime) / wall, 3),
            **server_side(target, before)}
+    if "answers" in row:  # model answers: 2xx that are not a fallback, per second of the level
+        row["model_answers_rps"] = round((row["answers"] - row["fallbacks"]) / wall, 1)
     print(f"  {target.name:<11} c={connections:<3} {row['throughput_rps']:8.1f} req/s  client p50 "
           f"{row['p50_ms']:.3f} p99 {row['p99_ms']:.3f} ms  server p99 {row.get('server_p99_ms', '-')}  "
           f"{row['server_cpu_us_per_request']:.0f} us CPU/req on {row['server_cores_busy']:.2f} cores, "
@@ -446,6 +459,90 @@ def compare_ab(repeats: list[dict[str, Any]], workers: int) -> dict[str, Any]:
     return {k: spread(v) for k, v in per.items()}
 
 
+def admission(repeats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per service target and connection count, over the repeats: model answers/s, refusals (non-2xx, all 429 from
+    admission here) per second and per answer, the door's 429 p99, the share of admitted requests the model answered
+    inside the deadline, CPU per answer and per 429, the Little's-law wait at the target's peak, and the checks.
+
+    CPU per 429 is estimated per level as (server CPU - answers x CPU per answer) / refusals, with CPU per answer
+    from the same repeat's highest level of that target that refused under 1% of its answers."""
+    rows: list[dict[str, Any]] = []
+    names = sorted({lv["target"] for rep in repeats for lv in rep["closed"]
+                    if lv["target"].startswith("service") and "model_answers_rps" in lv})
+    for name in names:
+        per_level: dict[int, list[dict[str, Any]]] = {}
+        for rep in repeats:
+            levels = [lv for lv in rep["closed"] if lv["target"] == name]
+            clean = [lv for lv in levels if lv["non_2xx"] <= 0.01 * max(lv["answers"], 1) and lv["answers"]]
+            ref = max(clean, key=lambda lv: lv["connections"]) if clean else None
+            cpu_answer = ref["server_cpu_s"] / ref["answers"] if ref else None
+            for lv in levels:
+                cell = {"answers_rps": lv["model_answers_rps"], "refusals_rps": lv["non_2xx"] / lv["wall_s"],
+                        "refusals_per_answer": lv["non_2xx"] / max(lv["answers"], 1),
+                        "refusal_p99_ms": lv.get("refusal_p99_ms"),
+                        "on_time": 1 - lv["fallbacks"] / lv["answers"] if lv["answers"] else None,
+                        "cpu_us_per_answer": cpu_answer * 1e6 if cpu_answer else None, "cpu_us_per_refusal": None}
+                if cpu_answer and lv["non_2xx"] > 0.1 * max(lv["requests"], 1):  # else noise over few refusals
+                    cell["cpu_us_per_refusal"] = (lv["server_cpu_s"] - cpu_answer * lv["answers"]) / lv["non_2xx"] * 1e6
+                per_level.setdefault(lv["connections"], []).append(cell)
+        peak = max(statistics.median(c["answers_rps"] for c in cells) for cells in per_level.values())
+        best_before: list[float] = []  # answers/s of the best earlier level, every repeat
+        for conns in sorted(per_level):
+            cells = per_level[conns]
+            med = lambda key, cells=cells: _median_known([c[key] for c in cells])  # noqa: E731
+            answers = [c["answers_rps"] for c in cells]
+            wait_s = conns / peak if peak else float("inf")
+            row = {"target": name, "connections": conns, "answers_rps": spread(answers),
+                   "refusals_rps": med("refusals_rps"), "refusals_per_answer": med("refusals_per_answer"),
+                   "refusal_p99_ms": med("refusal_p99_ms"), "on_time": med("on_time"),
+                   "cpu_us_per_answer": med("cpu_us_per_answer"), "cpu_us_per_refusal": med("cpu_us_per_refusal"),
+                   "little_wait_ms": round(wait_s * 1000, 1), "fits": wait_s <= DEADLINE_S}
+            row["goodput_held"] = not best_before or max(answers) >= min(best_before)
+            if row["fits"]:
+                few = (row["refusals_per_answer"] or 0) <= ADMISSION["refusals_per_answer"]
+                row["met"] = row["goodput_held"] and few
+            else:
+                fast = row["refusal_p99_ms"] is not None and row["refusal_p99_ms"] <= ADMISSION["refusal_p99_ms"]
+                row["met"] = (row["goodput_held"] and fast and row["on_time"] is not None
+                              and row["on_time"] >= ADMISSION["admitted_on_time"])
+            if not best_before or statistics.median(answers) > statistics.median(best_before):
+                best_before = answers
+            rows.append(row)
+    return rows
+
+
+def _median_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def admission_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    lines = ["## Admission under load", "",
+             f"Per connection count, medians over the repeats (answers: median and range). Model answers: 2xx that "
+             f"are not a fallback. Little's-law wait: connections / the target's peak model answers/s; where it "
+             f"fits the {DEADLINE_S * 1000:g} ms deadline the target is refusals <= "
+             f"{ADMISSION['refusals_per_answer']:.0%} of answers, where it does not, the door's 429 p99 <= "
+             f"{ADMISSION['refusal_p99_ms']:g} ms (server side: time in the door plus the event-loop lag before it) "
+             f"and >= {ADMISSION['admitted_on_time']:.0%} of admitted requests answered by the model in time; at every "
+             "level, model answers/s no lower than the best earlier level's (within the repeats' range). CPU per 429 "
+             "is an estimate, where refusals are over 10% of requests: the level's server CPU less its answers at "
+             "the CPU per answer of the highest level that refused under 1%, over the refusals.", "",
+             "| server | connections | model answers/s | 429/s | 429 per answer | door 429 p99 ms | admitted on time "
+             "| CPU µs/answer | CPU µs/429 | Little's-law wait ms | met |", "|---" * 11 + "|"]
+    for r in rows:
+        a = r["answers_rps"]
+        lines.append(f"| {r['target']} | {r['connections']} | {a['median']:,.0f} ({a['min']:,.0f} to {a['max']:,.0f}) "
+                     f"| {fmt(r['refusals_rps'], '{:,.0f}')} | {fmt(r['refusals_per_answer'], '{:.3f}')} | "
+                     f"{fmt(r['refusal_p99_ms'], '{:.2f}')} | {fmt(r['on_time'], '{:.4f}')} | "
+                     f"{fmt(r['cpu_us_per_answer'], '{:,.0f}')} | {fmt(r['cpu_us_per_refusal'], '{:,.0f}')} | "
+                     f"{r['little_wait_ms']:g} {'(fits)' if r['fits'] else '(over)'} | "
+                     f"{'yes' if r['met'] else '**no**'} |")
+    return [*lines, ""]
+
+
 def peak_2xx(levels: list[dict[str, Any]]) -> float:
     """The highest rate of 2xx answers over the levels, at any latency."""
     return max((lv["throughput_rps"] * (1 - lv["non_2xx"] / max(lv["requests"], 1)) for lv in levels), default=0.0)
@@ -520,6 +617,7 @@ def write_report(result: dict[str, Any], out: Path, plotted: bool) -> None:
               f"{sv('cpu parts us service x1', '{:.0f}')} µs ({sv('cpu ratio service x1', '{:.2f}')}x).", ""]
     if plotted:
         lines += ["![throughput vs latency](benchmark.png)", ""]
+    lines += admission_lines(result.get("admission", []))
     lines += ["## Model alone (one ONNX Runtime thread, in-process)", "",
               "| batch | wrapper p50 ms | wrapper p99 ms | wrapper CPU µs/list | ORT p50 ms | ORT CPU µs/list "
               "| wrapper lists/s |", "|---|---|---|---|---|---|---|"]
@@ -583,7 +681,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where benchmark.{md,json,png} go")
     parser.add_argument("--workers", type=int, default=0, help="the N of N workers (default: one per core)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every level")
-    parser.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="closed-loop connection counts")
+    parser.add_argument("--concurrency", default="1,4,16,64,256", help="closed-loop connection counts")
     parser.add_argument("--duration-s", type=float, default=3.0, help="seconds per level")
     parser.add_argument("--rates", default="0.25,0.5,0.75",
                         help="open-loop rates, as fractions of the 1-worker service's best closed-loop throughput")
@@ -597,6 +695,7 @@ def main() -> None:
     if args.replot:
         result = json.loads((args.out / "benchmark.json").read_text())
         result["summary"] = summarise(result["repeats"], result["model"], result["workers"])
+        result["admission"] = admission(result["repeats"])
         (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
         write_report(result, args.out, plot(result, args.out / "benchmark.png"))
         return
@@ -640,6 +739,7 @@ def main() -> None:
               **({"compare": checkout_name(args.compare)} if args.compare is not None else {}),
               "repeats_n": args.repeats, "model": model, "repeats": repeats}
     result["summary"] = summarise(repeats, model, workers)
+    result["admission"] = admission(repeats)
     result["wall_s"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))

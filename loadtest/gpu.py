@@ -14,7 +14,7 @@ Measures, on the held-out requests of the newest model:
   service    `python -m service` with RERANK_PROVIDERS=cuda and =cpu at each worker count, the providers that
              really run read from its /metrics, driven by wrk closed loop (--wrk-threads threads) in interleaved
              repeats; admission is fixed and high (RERANK_MAX_IN_FLIGHT=4096) so the figures are capacity, not
-             the adaptive limit's current value
+             what the deadline rule admits
 With `--providers cpu` it runs on any machine (CI has no GPU); with cuda it exits 2 when the CUDA provider is not
 what runs (onnxruntime-gpu missing, or no GPU), since `get_available_providers()` lists CUDA even with no GPU.
 Writes gpu.md and gpu.json under --out (the JSON after every stage, so a run cut short keeps what it measured).

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from service.config import default_workers
@@ -26,6 +27,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child to ``cpus`` (Linux), or None to leave it free."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
 
 
 def rss_mb(pid: int) -> float:
@@ -106,12 +115,15 @@ class ServiceProcess:
     """``python -m service`` as its own process, configured by RERANK_* variables (one worker unless
     RERANK_WORKERS says otherwise); ready when /readyz has answered 200 from every worker."""
 
-    def __init__(self, env: dict[str, str], log: Path | None = None, cwd: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Path | None = None, cwd: Path | None = None,
+                 cpus: set[int] | None = None) -> None:
         self.cwd = cwd  # another checkout: `python -m service` runs that checkout's code
+        self.cpus = cpus  # pinned to these cores (sched_setaffinity, inherited by its workers); None: any
         self.port = int(env.get("RERANK_PORT") or free_port())
         self.env = {**os.environ, "RERANK_LOG_LEVEL": "warning", "RERANK_WORKERS": "1", **env,
                     "RERANK_PORT": str(self.port)}
-        self.workers = int(self.env["RERANK_WORKERS"]) or default_workers(self.env.get("RERANK_PROVIDERS", "auto"))
+        self.workers = int(self.env["RERANK_WORKERS"]) or (
+            len(cpus) if cpus else default_workers(self.env.get("RERANK_PROVIDERS", "auto")))
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -127,7 +139,7 @@ class ServiceProcess:
     def start(self, timeout_s: float = 120) -> ServiceProcess:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=self.env, stdout=out, stderr=out,
-                                     cwd=self.cwd)
+                                     cwd=self.cwd, preexec_fn=pinned(self.cpus))
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:

@@ -1,28 +1,34 @@
-"""Admission: how many /rerank requests may be inside the model stage at once, and a 429 for the rest.
+"""Admission: which /rerank requests to take, by whether each can still be answered within its deadline.
 
-Owns: the in-flight count, the limit (fixed, or adapted from measured latency), and the door: a pure ASGI
-middleware that answers 429 before the app routes or reads the body. Does not know: models, features, the
-batcher or the HTTP server underneath (any ASGI server works; no uvicorn internals).
+Owns: the in-flight count, the measured service rate, the event-loop lag probe, the admission rule, and the
+door: a pure ASGI middleware that answers 429 before the app routes or reads the body. Does not know: models,
+features, the batcher or the HTTP server underneath (any ASGI server works; no uvicorn internals).
 
-A slot is held from a complete, parsed body to the answer. A client that trickles its body holds no slot
-(the app bounds how long it may take, ``RERANK_BODY_TIMEOUT_MS``), so slow senders cannot starve the gate.
-The door refuses while every slot is taken; the handler takes the slot after reading the body and refuses
-there too if the door's check went stale meanwhile.
+The rule (``admission=deadline``, the default): a request is admitted when the wait it would see fits the share
+``deadline_share`` of its deadline. The wait is predicted by Little's law: ``in_flight + 1`` requests ahead
+of and including it, served at the rate this process measurably completes them while busy (``BusyRate``: answers
+per second of time with at least one request in flight, weighted over the last ``window_s`` and held at the highest
+such rate of the last ``hold_s``), plus the event
+loop's current lag (``LagProbe``: how late a periodic timer fires), which is the time a request spent before
+the handler that no in-flight count sees. An idle process always admits (the request then answers on time or
+falls back to retriever order: nothing to gain by a retry), so does one that has not measured a rate yet, and
+nothing is admitted past ``ceiling`` requests in flight, a safety bound. ``admission=fixed`` admits up to
+``ceiling`` in flight and ignores deadlines.
 
-The adaptive limit is AIMD on the model stage's latency (queue wait plus inference), as in Netflix's
-concurrency-limits: a request that spent more than ``SLOW_FRACTION`` of its remaining deadline there, or
-missed it, is a congestion signal and cuts the limit by ``BACKOFF`` (once per round: signals from requests
-admitted before the last cut are ignored); a fast request while at least half the limit is in use raises it,
-by one per request until the first cut (slow start) and by one per limit's worth of requests after. The
-limit stays between the floor and the ceiling. Tuned to the deadline the requests carry, not to a host: the
-same settings hold on a 2-core VM and on a GPU.
+The deadline: ``timeout_ms`` in the body, which the door cannot read without parsing it. The door judges by the
+``X-Timeout-Ms`` header when the caller sends one, else by the service's default; the handler judges again with
+the body's own ``timeout_ms`` once it has the body, and takes the slot then. A client that trickles its body
+holds no slot meanwhile (the app bounds how long it may take, ``RERANK_BODY_TIMEOUT_MS``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
 
 import orjson
 
@@ -33,135 +39,244 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Clock = Callable[[], float]
 
-SLOW_FRACTION = 0.5  # of the request's remaining deadline, spent waiting for and running the model
-BACKOFF = 0.9  # multiplicative decrease on a congestion signal
+ARRIVING = "rerank.arriving"  # scope key: a door admitted this request and its handler has not counted it yet
+TIMEOUT_HEADER = b"x-timeout-ms"  # the request's deadline in ms, for the door (the body's timeout_ms wins later)
+MIN_BUSY_S = 0.02  # busy time (in the rate's window) before a measured rate is trusted
+# Each lag reading moves the estimate by 1 - LAG_KEEP: a loop that stays late shows within a few 5 ms readings, while
+# one stall (a reload's heap freeze) does not refuse the requests that arrive once it is over.
+LAG_KEEP = 0.7
 # A refused request whose body is larger than this and not read yet closes its connection: reading it just to
 # keep the connection alive would cost more than the client's reconnect.
 CLOSE_OVER_BYTES = 64 * 1024
 
 
-class Limit(Protocol):
-    """How many requests may be in flight; told how each admitted request fared."""
+class BusyRate:
+    """The service rate: requests completed per second of busy time (at least one in flight), exponentially weighted
+    over ``window_s`` of wall time, and held at the highest rate measured lately (decaying with ``hold_s``).
+
+    The hold is what keeps admission from collapsing. With few requests in flight the rate measured is bounded by
+    one request's latency, not by capacity (batches are small); when a flood of refused clients slows every turn of
+    the event loop, that latency grows, a rule fed the current rate admits fewer, more clients are refused and
+    spin, and the loop slows further: goodput fell to a tenth of the peak at 256 wrk connections (measured). The
+    rate the service has recently shown it sustains is the better estimate of what it can serve; a lasting
+    slowdown still shows once the hold decays, and at once when an admitted request misses its deadline
+    (``Gate.leave(missed=True)`` drops the hold). Idle time decays the count and the busy time alike, so the rate
+    holds through a lull; it is ``None`` until ``MIN_BUSY_S`` of busy time has been seen."""
+
+    def __init__(self, window_s: float = 1.0, clock: Clock = time.monotonic, hold_s: float = 10.0) -> None:
+        self.window_s, self.clock, self.hold_s = window_s, clock, hold_s
+        self.done = 0.0
+        self.busy_s = 0.0
+        self.busy = False
+        self.at = clock()
+        self.current: float | None = None  # the weighted rate now
+        self.peak = 0.0  # the highest current rate, decayed by exp(-age / hold_s)
+        self.peak_at = self.at
+
+    def _advance(self) -> float:
+        now = self.clock()
+        dt = now - self.at
+        if dt > 0:
+            keep = math.exp(-dt / self.window_s)
+            self.done *= keep
+            # the weighted integral of "busy" over the last dt: window_s * (1 - keep) if busy throughout
+            self.busy_s = self.busy_s * keep + (self.window_s * (1.0 - keep) if self.busy else 0.0)
+            self.at = now
+        return now
+
+    def mark(self, busy: bool, completed: bool = False) -> None:
+        """The in-flight count changed: ``busy`` is whether any request is in flight now; ``completed`` whether
+        the change was a departure rather than an arrival."""
+        now = self._advance()
+        if completed:
+            self.done += 1.0
+        self.busy = busy
+        if self.busy_s >= MIN_BUSY_S and self.done > 0:
+            self.current = self.done / self.busy_s
+            held = self.peak * math.exp(-(now - self.peak_at) / self.hold_s)
+            if self.current >= held:
+                self.peak, self.peak_at = self.current, now
 
     @property
-    def value(self) -> int: ...
-
-    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None: ...
-
-    @property
-    def round(self) -> int: ...
+    def per_s(self) -> float | None:
+        if self.current is None:
+            return None
+        return max(self.current, self.peak * math.exp(-(self.clock() - self.peak_at) / self.hold_s))
 
 
-class FixedLimit:
-    """A hand-set limit; samples change nothing."""
+class LagProbe:
+    """How late the event loop runs a timer due every ``interval_s``: the time a request that arrives now waits
+    before its handler starts, which no in-flight count sees. ``lag_s`` is a moving average of the readings."""
 
-    def __init__(self, value: int) -> None:
-        self._value = value
+    def __init__(self, interval_s: float = 0.005, clock: Clock = time.monotonic) -> None:
+        self.interval_s, self.clock = interval_s, clock
+        self.lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
 
-    @property
-    def value(self) -> int:
-        return self._value
+    def observe(self, late_s: float) -> None:
+        self.lag_s = LAG_KEEP * self.lag_s + (1 - LAG_KEEP) * max(0.0, late_s)
 
-    @property
-    def round(self) -> int:
-        return 0
+    async def _run(self) -> None:
+        while True:
+            due = self.clock() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.observe(self.clock() - due)
 
-    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None:
-        return None
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="lag-probe")
 
-
-class AimdLimit:
-    """Additive increase, multiplicative decrease between ``floor`` and ``ceiling`` (see the module doc)."""
-
-    def __init__(self, floor: int, ceiling: int, initial: int | None = None) -> None:
-        if not 1 <= floor <= ceiling:
-            raise ValueError(f"need 1 <= floor <= ceiling, got floor {floor}, ceiling {ceiling}")
-        self.floor, self.ceiling = floor, ceiling
-        self.limit = float(min(ceiling, max(floor, initial if initial is not None else floor)))
-        self.slow_start = True
-        self._round = 0  # bumped by every cut; a request remembers the round it was admitted in
-        self.cuts = 0
-
-    @property
-    def value(self) -> int:
-        return int(self.limit)
-
-    @property
-    def round(self) -> int:
-        return self._round
-
-    def sample(self, latency_s: float, budget_s: float, in_flight: int, round_: int) -> None:
-        """``latency_s``: the request's time in the model stage; ``budget_s``: its deadline as it entered;
-        ``in_flight``: requests in flight as it left (itself included); ``round_``: the round it entered in."""
-        if latency_s > SLOW_FRACTION * budget_s:
-            if round_ == self._round:
-                self.limit = max(float(self.floor), self.limit * BACKOFF)
-                self.slow_start = False
-                self._round += 1
-                self.cuts += 1
-            return
-        if 2 * in_flight >= self.limit:
-            self.limit = min(float(self.ceiling), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 class Gate:
-    """The in-flight count against a ``Limit``; ``on_shed`` is called once per request refused for it."""
+    """The in-flight count and the admission rule (see the module doc); ``on_shed`` is called once per refusal.
 
-    def __init__(self, limit: Limit, retry_after_s: int, on_shed: Callable[[], None] = lambda: None) -> None:
-        self.limit = limit
-        self.retry_after_s = retry_after_s
+    ``verdict(budget_s)`` is the decision: None to admit, else the 429 to answer. ``enter`` / ``leave`` keep the
+    count and feed the rate. Every departure counts, a deadline fallback too: Little's law relates the number in
+    flight to the rate they leave at, whatever answer they leave with, so while admitted requests fall back the
+    rate they leave at predicts the long waits that made them, and admission tightens."""
+
+    def __init__(self, ceiling: int, retry_after_s: int, *, by_deadline: bool = True, deadline_share: float = 0.8,
+                 window_s: float = 1.0, hold_s: float = 10.0, clock: Clock = time.monotonic,
+                 on_shed: Callable[[str], None] = lambda reason: None) -> None:
+        if ceiling < 1 or not 0 < deadline_share <= 1:
+            raise ValueError(f"need ceiling >= 1 and 0 < deadline_share <= 1, got {ceiling}, {deadline_share}")
+        self.ceiling, self.retry_after_s = ceiling, retry_after_s
+        self.by_deadline, self.deadline_share = by_deadline, deadline_share
         self.on_shed = on_shed
+        self.rate = BusyRate(window_s, clock, hold_s)
+        self.lag = LagProbe(clock=clock)
         self.in_flight = 0
+        # Admitted at a door, handler not started yet: many requests arrive in one turn of the event loop, and
+        # without this count every one of them would be judged by the in-flight count before any handler ran.
+        self.arriving = 0
 
     @property
-    def full(self) -> bool:
-        return self.in_flight >= self.limit.value
+    def ahead(self) -> int:
+        return self.in_flight + self.arriving
 
-    def try_enter(self) -> int | None:
-        """Take a slot: the round it was taken in (hand it to ``leave``), or None when the gate is full."""
-        if self.full:
+    def predicted_wait_s(self) -> float | None:
+        """What a request admitted now would wait in all (loop lag + its turn at the measured rate); None before
+        a rate is measured."""
+        rate = self.rate.per_s
+        return None if rate is None else self.lag.lag_s + (self.ahead + 1) / rate
+
+    def capacity(self, budget_s: float) -> int:
+        """How many requests in flight the rule admits for a deadline of ``budget_s`` now (the ceiling before a
+        rate is measured, or with admission=fixed)."""
+        rate = self.rate.per_s
+        if not self.by_deadline or rate is None:
+            return self.ceiling
+        fits = math.floor((self.deadline_share * budget_s - self.lag.lag_s) * rate)
+        return max(1, min(self.ceiling, fits))
+
+    def verdict(self, budget_s: float) -> Overloaded | None:
+        """None: admit a request whose deadline is ``budget_s`` from now. Otherwise the refusal (not yet counted;
+        ``refuse`` counts it)."""
+        if self.in_flight >= self.ceiling:
+            return Overloaded(f"over capacity: {self.in_flight} requests in flight (ceiling {self.ceiling}); "
+                              "retry later", "in_flight", self.ceiling,
+                              headers={"Retry-After": str(self.retry_after_s)})
+        if not self.by_deadline or self.ahead == 0:
             return None
+        wait = self.predicted_wait_s()
+        if wait is None or wait <= self.deadline_share * budget_s:
+            return None
+        budget_ms = round(budget_s * 1000, 1)
+        return Overloaded(f"would miss its deadline: {self.ahead} requests ahead at {self.rate.per_s:.0f}/s and "
+                          f"{self.lag.lag_s * 1000:.1f} ms of event-loop lag predict a {wait * 1000:.1f} ms wait, "
+                          f"over {self.deadline_share:g} of timeout_ms {budget_ms:g}; retry later", "timeout_ms",
+                          budget_ms, headers={"Retry-After": str(self.retry_after_s)})
+
+    def refuse(self, exc: Overloaded) -> Overloaded:
+        """Count ``exc`` as a refusal (reason ``in_flight`` at the ceiling, ``deadline`` otherwise) and return it."""
+        self.on_shed("in_flight" if exc.field == "in_flight" else "deadline")
+        return exc
+
+    def admitted_at_door(self, scope: Scope) -> None:
+        """A door let this request in: it counts as ahead of later ones until its handler starts."""
+        scope[ARRIVING] = True
+        self.arriving += 1
+
+    def handler_started(self, scope: Scope) -> None:
+        """The handler runs (or the request ended without it): no longer arriving. Idempotent."""
+        if scope.pop(ARRIVING, False):
+            self.arriving -= 1
+
+    def enter(self) -> None:
         self.in_flight += 1
-        return self.limit.round
+        self.rate.mark(busy=True)
 
-    def leave(self, round_: int, latency_s: float | None = None, budget_s: float = math.inf) -> None:
-        """Give the slot back; ``latency_s`` (None: the request never reached the model) feeds the limit."""
-        if latency_s is not None:
-            self.limit.sample(latency_s, budget_s, self.in_flight, round_)
+    def leave(self, missed: bool = False) -> None:
+        """``missed``: the request's deadline passed before the model answered it. Then the rate held from earlier
+        is wrong about now, and is dropped: the rule goes by the rate measured now."""
         self.in_flight -= 1
+        if missed:
+            self.rate.peak = 0.0
+        self.rate.mark(busy=self.in_flight > 0, completed=True)
 
-    def refusal(self) -> Overloaded:
-        limit = self.limit.value
-        return Overloaded(f"over capacity: {self.in_flight} requests in flight (limit {limit}); retry later",
-                          "in_flight", limit, headers={"Retry-After": str(self.retry_after_s)})
+
+def header_budget_s(headers: Iterable[tuple[bytes, bytes]], default_s: float) -> float:
+    """The deadline the door judges by: ``X-Timeout-Ms`` when present and a positive number, else ``default_s``."""
+    for name, value in headers:
+        if name.lower() == TIMEOUT_HEADER:
+            with contextlib.suppress(ValueError):
+                ms = float(value)
+                if 0 < ms < math.inf:
+                    return ms / 1000.0
+    return default_s
+
+
+def refusal_bytes(exc: Overloaded) -> bytes:
+    return orjson.dumps(error_body(exc))
 
 
 class Door:
-    """Pure ASGI middleware: a POST to ``path`` while the gate is full gets 429 before routing or reading the
-    body; anything else passes through untouched."""
+    """Pure ASGI middleware: a POST to ``path`` that the gate would refuse gets 429 before routing or reading the
+    body; anything else passes through untouched. ``observe`` gets the seconds each refusal took here."""
 
-    def __init__(self, app: ASGIApp, gate: Gate, path: str = "/rerank") -> None:
+    def __init__(self, app: ASGIApp, gate: Gate, default_budget_s: float, path: str = "/rerank",
+                 observe: Callable[[float], None] = lambda s: None) -> None:
         self.app, self.gate, self.path = app, gate, path
+        self.default_budget_s, self.observe = default_budget_s, observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.gate.full or scope["method"] != "POST"
-                or scope["path"] != self.path):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-        self.gate.on_shed()
-        exc = self.gate.refusal()
-        body = orjson.dumps(error_body(exc))
+        started = time.perf_counter()
+        exc = None if ARRIVING in scope else self.gate.verdict(header_budget_s(scope["headers"],
+                                                                                self.default_budget_s))
+        if exc is None:  # admitted here, or already by the parser door (service/parser_door.py)
+            if ARRIVING not in scope:
+                self.gate.admitted_at_door(scope)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.gate.handler_started(scope)
+            return
+        self.gate.refuse(exc)
+        body = refusal_bytes(exc)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
-        if _declared_length(scope) > CLOSE_OVER_BYTES:
+                   (b"retry-after", str(self.gate.retry_after_s).encode())]
+        if declared_length(scope["headers"]) > CLOSE_OVER_BYTES:
             headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self.observe(time.perf_counter() - started + self.gate.lag.lag_s)
 
 
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The body length the headers declare (lower-case names); chunked counts as large, none as 0."""
+    for name, value in headers:
         if name == b"content-length":
             return int(value) if value.isdigit() else 0
         if name == b"transfer-encoding":  # chunked: size unknown, treat as large

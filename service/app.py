@@ -5,9 +5,9 @@ fallbacks, the atomic model swap, and mapping errors to HTTP in one place. Does 
 (``model.py``), batching policy (``batcher.py``), where features live (``features.py``) or how the
 admission limit moves (``admission.py``).
 
-The request path, top to bottom: ``Door`` (429 while full, before the app; service/server.py puts it in front) ->
-``rerank`` (content type, body
-within ``body_timeout_ms``, an admission slot, parse and check) -> ``rank`` (features, the batcher under the
+The request path, top to bottom: ``Door`` (429 for a request that would miss its deadline, before the app;
+service/server.py puts it in front) -> ``rerank`` (content type, body within ``body_timeout_ms``, parse and check,
+admission against the body's own deadline and an in-flight slot) -> ``rank`` (features, the batcher under the
 request's deadline, fallback) -> JSON. Handlers are module-level functions; each reads the ``Service`` built
 by ``create_app`` (``service_of``) and, once the lifespan has opened them, its ``Runtime`` (``runtime_of``).
 """
@@ -39,7 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import errors
-from service.admission import AimdLimit, FixedLimit, Gate, Limit
+from service.admission import Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
@@ -89,10 +89,11 @@ def runtime_of(svc: Service) -> Runtime:
     return svc.runtime
 
 
-def make_limit(settings: Settings) -> Limit:
-    if settings.admission == "fixed":
-        return FixedLimit(settings.max_in_flight)
-    return AimdLimit(settings.min_in_flight, settings.max_in_flight)
+def make_gate(settings: Settings, metrics: Metrics) -> Gate:
+    return Gate(settings.max_in_flight, settings.retry_after_s, by_deadline=settings.admission == "deadline",
+                deadline_share=settings.admission_deadline_share, window_s=settings.admission_window_s,
+                hold_s=settings.admission_hold_s,
+                on_shed=lambda reason: metrics.rejections.labels(reason=reason).inc())
 
 
 def load_model(folder: Path, settings: Settings) -> tuple[RerankModel, float]:
@@ -198,20 +199,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher: Batcher[tuple[RerankModel, Job], Ranked] = Batcher(
         run_batch, max_batch_size=settings.max_batch_size, max_batch_cost=settings.max_batch_candidates,
         max_wait_ms=settings.max_wait_ms, max_queue_size=settings.max_queue_size, on_batch=lambda s: on_batch(svc, s),
-        inline_when_idle=settings.inline_when_idle)
+        inline_when_idle=settings.inline_when_idle, thread_nice=settings.batch_thread_nice)
     svc.runtime = Runtime(model, features, batcher)
     batcher.start()
+    svc.gate.lag.start()
     metrics.set_model(model.version, model.providers)
     freeze_heap()
     if svc.peers is not None:
         svc.peers.start(asyncio.get_running_loop(), lambda version: reload_here(app, version))
-    log.info("ready: max_batch_size %d, max_wait_ms %.1f, max_queue_size %d, admission %s (%d-%d in flight)",
+    log.info("ready: max_batch_size %d, max_wait_ms %.1f, max_queue_size %d, admission %s (at most %d in flight)",
              settings.max_batch_size, settings.max_wait_ms, settings.max_queue_size, settings.admission,
-             settings.min_in_flight, settings.max_in_flight)
+             settings.max_in_flight)
     try:
         yield
     finally:
         svc.draining = True
+        await svc.gate.lag.stop()
         await batcher.close()
         await features.close()
         svc.runtime = None
@@ -236,7 +239,9 @@ def on_batch(svc: Service, stats: BatchStats) -> None:
 def publish_gauges(svc: Service, runtime: Runtime) -> None:
     svc.metrics.queue_depth.set(runtime.batcher.depth)
     svc.metrics.breaker_open.set(0 if runtime.features.breaker.state == "closed" else 1)
-    svc.metrics.admission_limit.set(svc.gate.limit.value)
+    svc.metrics.admission_limit.set(svc.gate.capacity(svc.settings.default_timeout_ms / 1000.0))
+    svc.metrics.admission_rate.set(svc.gate.rate.per_s or 0.0)
+    svc.metrics.loop_lag.set(svc.gate.lag.lag_s)
 
 
 # ------------------------------------------------------------------------------------------- /rerank
@@ -259,42 +264,43 @@ async def rerank(request: Request) -> Response:
 
 
 async def admit_and_rank(svc: Service, request: Request, started: float) -> Response:
-    """Content type, body, an admission slot (held until the answer), then ``rank``."""
+    """Content type, body, parse and check, admission against the request's own deadline (the slot held until
+    the answer), then ``rank``."""
     settings, metrics, gate = svc.settings, svc.metrics, svc.gate
+    gate.handler_started(request.scope)
     runtime = runtime_of(svc)
+    arrived = time.monotonic() - (time.perf_counter() - started)
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         metrics.rejections.labels(reason="content_type").inc()
         raise errors.UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}", "Content-Type",
                                           ctype)
-    try:
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_ms / 1000.0)
-    except errors.ServiceError as exc:
-        metrics.rejections.labels(reason=exc.code).inc()
-        raise
-    round_ = gate.try_enter()
-    if round_ is None:  # the door let it in, and the gate filled while its body arrived
-        gate.on_shed()
-        raise gate.refusal()
-    stage: list[float] = []  # (latency, budget) of the model stage, once it ran
-    try:
-        return await rank(svc, runtime, body, started, stage)
-    finally:
-        gate.leave(round_, *stage)
-
-
-async def rank(svc: Service, runtime: Runtime, body: bytes, started: float, stage: list[float]) -> Response:
-    settings, metrics = svc.settings, svc.metrics
     model = runtime.model
     try:
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_ms / 1000.0)
         req = parse_request(body)
         k = check_request(req, model.max_candidates, model.score_range, settings.default_k, settings.max_timeout_ms)
     except errors.ServiceError as exc:
         metrics.rejections.labels(reason=exc.code).inc()
         raise
-    timeout_s = (req.timeout_ms or settings.default_timeout_ms) / 1000.0
-    deadline = time.monotonic() - (time.perf_counter() - started) + timeout_s
+    deadline = arrived + (req.timeout_ms or settings.default_timeout_ms) / 1000.0
+    refusal = gate.verdict(deadline - time.monotonic())
+    if refusal is not None:  # the door let it in, and the wait grew while its body arrived, or its own deadline
+        raise gate.refuse(refusal)  # is shorter than the one the door judged by
+    gate.enter()
+    missed = False
+    try:
+        response, missed = await rank(svc, runtime, model, req, k, deadline)
+        return response
+    finally:
+        gate.leave(missed)
 
+
+async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRequest, k: int, deadline: float
+               ) -> tuple[Response, bool]:
+    """Features, the batcher under ``deadline``, the answer (in retriever order if the model fails or is late), and
+    whether the deadline passed before the model answered."""
+    settings, metrics = svc.settings, svc.metrics
     t_feat = time.perf_counter()
     features, source, redis_failed = await runtime.features.get(req.user_id)
     metrics.feature_seconds.observe(time.perf_counter() - t_feat)
@@ -309,14 +315,12 @@ async def rank(svc: Service, runtime: Runtime, body: bytes, started: float, stag
               features, k)
     reason: str | None = None
     ranked: Ranked | None = None
-    entered = time.monotonic()
-    budget = deadline - entered
+    budget = deadline - time.monotonic()
     try:
         alone = svc.gate.in_flight <= 1  # this request only: nothing else admitted
         ranked = await asyncio.wait_for(runtime.batcher.submit((model, job), deadline, cost=len(job.item_ids),
                                                                alone=alone), max(budget, 0.0))
     except QueueFull as exc:
-        stage += [float("inf"), budget]  # congestion: the limit is above what the queue holds
         metrics.rejections.labels(reason="queue_full").inc()
         raise errors.Overloaded(f"{exc}; retry later", "queue", runtime.batcher.depth,
                                 headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -327,19 +331,18 @@ async def rank(svc: Service, runtime: Runtime, body: bytes, started: float, stag
     except Exception:
         log.exception("inference failed for request %r", req.request_id)
         reason = "model_error"
-    if reason != "model_error" and reason != "draining":
-        stage += [time.monotonic() - entered, budget]
 
     if ranked is None:
         metrics.fallbacks.labels(reason=reason or "model_error").inc()
-        return json_response({"request_id": req.request_id, "model_version": model.version,
-                              "items": fallback_items(req, k), "fallback": True, "fallback_reason": reason})
+        body = {"request_id": req.request_id, "model_version": model.version, "items": fallback_items(req, k),
+                "fallback": True, "fallback_reason": reason}
+        return json_response(body), reason == "deadline"
     if ranked.oov_items:
         metrics.oov_items.inc(ranked.oov_items)
     items = [{"item_id": job.item_ids[int(p)], "score": float(s), "rank": r + 1}
              for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
     return json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
-                          "fallback": False, "fallback_reason": None})
+                          "fallback": False, "fallback_reason": None}), False
 
 
 # ------------------------------------------------------------------------------------------- probes and admin
@@ -522,8 +525,7 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None) -> 
     worker, and the worker tells the supervisor when it is ready."""
     settings = settings or Settings()
     metrics = Metrics()
-    gate = Gate(make_limit(settings), settings.retry_after_s,
-                on_shed=metrics.rejections.labels(reason="in_flight").inc)
+    gate = make_gate(settings, metrics)
     # FastAPI's built-in OpenTelemetry hooks are off: this service exports Prometheus metrics, and the
     # per-request "is telemetry configured?" check cost ~4% of the event loop (py-spy, 16 connections).
     app = FastAPI(title="DNR reranking service", version="0.1.0", lifespan=lifespan,

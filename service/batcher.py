@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +60,14 @@ class BatchStats:
     late: int = 0  # requests whose deadline passed between ``_collect`` and the worker thread's start: dropped
 
 
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's nice value (Linux threads have their own); no-op elsewhere or at 0."""
+    if nice > 0 and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+
+
 class Batcher(Generic[T, R]):
     """Collects concurrent ``submit`` calls into batches for ``process`` (run in one worker thread).
 
@@ -66,7 +76,7 @@ class Batcher(Generic[T, R]):
 
     def __init__(self, process: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_batch_cost: int,
                  max_wait_ms: float, max_queue_size: int, on_batch: Callable[[BatchStats], None] | None = None,
-                 inline_when_idle: bool = False, inline_max_ms: float = 5.0,
+                 inline_when_idle: bool = False, inline_max_ms: float = 5.0, thread_nice: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.process = process
         self.clock = clock  # deadlines are on this clock; tests inject their own
@@ -85,7 +95,10 @@ class Batcher(Generic[T, R]):
         self.on_batch = on_batch
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        # The worker thread may run at a lower CPU priority than the event loop (Linux: a nice value per thread):
+        # where they share a core, the loop's short jobs (read, refuse, answer) then preempt the batch computation.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher",
+                                            initializer=lower_priority, initargs=(thread_nice,))
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._running = 0  # requests inside the worker right now

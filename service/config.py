@@ -44,19 +44,30 @@ class Settings(BaseSettings):
     inline_when_idle: bool = Field(False, description=(
         "with no other request in flight, nothing queued or running and max_wait_ms 0, run the model call on the "
         "event loop instead of handing it to the batch thread (off: no gain measured at one connection)"))
+    batch_thread_nice: int = Field(0, ge=0, le=19, description=(
+        "the batch thread's nice value above the event loop's (Linux): where they share a core the loop's reads, "
+        "refusals and answers preempt inference, which shortens refusals when the worker has a core to itself but "
+        "starves inference when a flood of refused clients keeps every loop busy (README, Overload)"))
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
-    admission: Literal["adaptive", "fixed"] = Field("adaptive", description=(
-        "adaptive = the in-flight limit follows the model stage's latency against each request's deadline "
-        "(AIMD between min_in_flight and max_in_flight); fixed = max_in_flight (see service/admission.py)"))
-    admission_door: Literal["asgi", "parser"] = Field("asgi", description=(
-        "where a refusal is answered: asgi = a middleware before routing (any uvicorn); parser = from uvicorn's "
-        "HTTP parser, about 4x cheaper per 429, written for uvicorn 0.54 only (service/parser_door.py)"))
+    admission: Literal["deadline", "fixed"] = Field("deadline", description=(
+        "deadline = admit a request when the wait Little's law predicts (requests in flight at the measured "
+        "answer rate, plus event-loop lag) fits admission_deadline_share of its deadline, else 429; fixed = admit "
+        "up to max_in_flight whatever the deadline (see service/admission.py)"))
+    admission_deadline_share: float = Field(0.8, gt=0, le=1, description=(
+        "share of a request's deadline its predicted wait may fill; the rest absorbs the spread around the mean "
+        "wait Little's law predicts"))
+    admission_window_s: float = Field(1.0, gt=0, description=(
+        "the measured answer rate weighs the last this many seconds (exponentially)"))
+    admission_hold_s: float = Field(10.0, gt=0, description=(
+        "the rate admission uses is held at the highest measured lately, decaying with this time constant, so a "
+        "flood of refused clients that slows every request cannot talk it down to refusing nearly all"))
+    admission_door: Literal["auto", "asgi", "parser"] = Field("auto", description=(
+        "where a refusal is answered: parser = from uvicorn's HTTP parser, without a task or the ASGI app, written "
+        "for uvicorn 0.54 and 0.55 only (service/parser_door.py, with what it was measured to save); asgi = a "
+        "middleware before routing (any uvicorn); auto = parser on a uvicorn it was written for, else asgi"))
     max_in_flight: int = Field(256, ge=1, description=(
-        "/rerank requests being answered at once by the whole service: the ceiling of the adaptive limit, or "
-        "the limit itself with admission=fixed (each of N workers admits 1/N); more get 429 at once"))
-    min_in_flight: int = Field(16, ge=1, description=(
-        "floor of the adaptive limit, for the whole service, and where it starts; low enough that the limit can "
-        "fall to what meets the deadline under overload, high enough not to refuse small bursts while it climbs"))
+        "/rerank requests being answered at once by the whole service, a safety ceiling under the deadline rule "
+        "or the limit itself with admission=fixed (each of N workers admits 1/N); more get 429 at once"))
     body_timeout_ms: float = Field(1000.0, gt=0, description=(
         "a /rerank body must arrive within this long, else 408; a request holds no admission slot meanwhile"))
 
@@ -94,8 +105,6 @@ class Settings(BaseSettings):
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(f"default_timeout_ms {self.default_timeout_ms} exceeds max_timeout_ms "
                              f"{self.max_timeout_ms}")
-        if self.admission == "adaptive" and self.min_in_flight > self.max_in_flight:
-            raise ValueError(f"min_in_flight {self.min_in_flight} exceeds max_in_flight {self.max_in_flight}")
         return self
 
     def resolved_workers(self) -> int:

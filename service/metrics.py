@@ -60,8 +60,14 @@ class Metrics:
                                registry=r)
         self.late_starts = Counter("rerank_late_starts_total", "Requests dropped as their batch started in the "
                                    "worker thread: the deadline passed after batch collection", registry=r)
-        self.admission_limit = Gauge("rerank_admission_limit", "The in-flight limit admission holds now "
-                                     "(summed over workers)", registry=r, multiprocess_mode="livesum")
+        self.admission_limit = Gauge("rerank_admission_limit", "Requests in flight admission would take now at the "
+                                     "default deadline (summed over workers)", registry=r, multiprocess_mode="livesum")
+        self.admission_rate = Gauge("rerank_admission_rate", "Answers per second of busy time that admission "
+                                    "measured (summed over workers)", registry=r, multiprocess_mode="livesum")
+        self.loop_lag = Gauge("rerank_event_loop_lag_seconds", "How late the event loop runs a 5 ms timer now "
+                              "(worst worker)", registry=r, multiprocess_mode="livemax")
+        self.refusal_seconds = Histogram("rerank_refusal_duration_seconds", "A 429 from the admission door: its time "
+                                         "in the door plus the event-loop lag before it", buckets=SECONDS, registry=r)
         # A gauge rather than an Info (which multiprocess mode cannot collect): 1 on the served version's labels.
         self.model_info = Gauge("rerank_model_info", "The model version being served (1)", ["providers", "version"],
                                 registry=r, multiprocess_mode="livemax")

@@ -1,28 +1,40 @@
-"""Opt-in accelerator (``RERANK_ADMISSION_DOOR=parser``): the admission 429 answered from uvicorn's HTTP parser.
+"""The default admission door on the uvicorn releases it was written for: the 429 answered from uvicorn's HTTP parser.
 
-Owns: a subclass of uvicorn's httptools protocol that refuses a POST to the gated path while the gate is full,
+Owns: a subclass of uvicorn's httptools protocol that refuses a POST to the gated path when the gate would
+(``admission.Gate.verdict``, judged by the ``X-Timeout-Ms`` header or the default deadline, as the ASGI door does),
 from the parser's callbacks, without a task, the ASGI app or reading the rest of the body. Does not know: the
-limit (``admission.Gate``), models, or anything else.
+admission rule, models, or anything else.
 
 Why it exists: on a CPU host the event loop and the batch encoder share one GIL, and a refusal through ASGI
 costs uvicorn's task, the middleware call and two ``send`` messages. Measured on this 2-core machine with wrk
 against a gate held full: about 8,000 refusals/s through the ASGI door, 27,000-40,000/s from here; under
 ``make faults``' overload (twice the saturating rate) that difference is about a tenth of the goodput.
 
-Why it is not the default: it reads uvicorn's private attributes (``cycle``, ``pipeline``, ``parser``,
+Under the deadline rule the evidence is mixed, and it is the default because every figure of this service in
+reports/ was measured with it. A closed-loop client refused 429 sends again at once, so at 256 wrk connections
+against one worker the refusals take the event loop: one 5 s run each gave 714 model answers/s through this door
+and 257 through the ASGI one. But with the worker pinned to one core and every request refused (fixed admission,
+ceiling 1, wrk at 64 connections on the other core, two runs each) both doors cost the same, 74-75 µs of CPU per
+429 here against 71-72 µs; on this VM the kernel's share of a request (epoll, recv, send) seems to set the price.
+An A/B of the two doors inside `make bench` is the measurement still owed.
+
+Why it is guarded: it reads uvicorn's private attributes (``cycle``, ``pipeline``, ``parser``,
 ``expect_100_continue``, ``_unset_keepalive_if_required``, the keep-alive timer), which change between uvicorn
-releases. It refuses to load on a uvicorn it was not written for (``SUPPORTED``); the ASGI door in
-``admission.py`` works on any version.
+releases. It refuses to load on a uvicorn it was not written for (``SUPPORTED``): ``RERANK_ADMISSION_DOOR=auto``
+(the default) then serves with the ASGI door in ``admission.py``, which works on any version, and logs why.
 """
 
 from __future__ import annotations
 
-import orjson
+import time
+from collections.abc import Callable
+from typing import cast
+
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.admission import Gate
-from service.errors import error_body
+from service.admission import CLOSE_OVER_BYTES, Gate, Scope, declared_length, header_budget_s, refusal_bytes
+from service.errors import Overloaded
 
 SUPPORTED = ("0.54.", "0.55.")  # uvicorn releases whose httptools protocol this subclass was written against and tested
 # 0.55: its httptools protocol differs from 0.54 only in header-value whitespace, the upgrade path and a Python<3.11
@@ -40,47 +52,68 @@ def check_version(version: str = uvicorn.__version__) -> None:
                                  f"this is {version}: use RERANK_ADMISSION_DOOR=asgi (the default)")
 
 
-def refusal(gate: Gate) -> bytes:
-    exc = gate.refusal()
-    body = orjson.dumps(error_body(exc))
-    headers = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in exc.headers.items())
-    return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n" + headers
-            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+def refusal(exc: Overloaded, retry_after_s: int, close: bool = False) -> bytes:
+    body = refusal_bytes(exc)
+    return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: "
+            + str(retry_after_s).encode() + (b"\r\nconnection: close" if close else b"") + b"\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-def parser_door(gate: Gate, path: bytes = b"/rerank") -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, answering 429 from the parser while ``gate`` is full. Only a plain POST to
-    ``path`` is refused, and only when no earlier request on the connection is still being answered (responses
-    must stay in order); everything else takes uvicorn's normal path, where the ASGI door and the handler apply
-    the same gate. Nothing is counted here: a slot is taken by the handler once the body is in."""
+def parser_door(gate: Gate, default_budget_s: float, observe: Callable[[float], None] = lambda s: None,
+                path: bytes = b"/rerank") -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, answering 429 from the parser for a request ``gate`` would refuse. Only a plain
+    POST to ``path`` is refused, and only when no earlier request on the connection is still being answered
+    (responses must stay in order); everything else takes uvicorn's normal path, where the ASGI door and the
+    handler apply the same gate. A slot is taken by the handler once the body is in. ``observe`` gets the seconds
+    each refusal took from its headers to its answer, plus the event-loop lag before them."""
     check_version()
 
     class ParserDoor(HttpToolsProtocol):
-        refusing = False
+        refusing: Overloaded | None = None
+        answered = False  # the refusal went out at the headers and the connection is closing
+        headers_at = 0.0
 
         def on_headers_complete(self) -> None:
+            self.refusing, self.headers_at = None, 0.0
             idle = (self.cycle is None or self.cycle.response_complete) and not self.pipeline
-            self.refusing = (idle and gate.full and self.parser.get_method() == b"POST"
-                             and self.url.split(b"?", 1)[0] == path and not self.expect_100_continue)
-            if not self.refusing:
+            if (idle and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == path
+                    and not self.expect_100_continue):
+                self.headers_at = time.perf_counter()
+                self.refusing = gate.verdict(header_budget_s(self.headers, default_budget_s))
+                if self.refusing is not None and declared_length(self.headers) > CLOSE_OVER_BYTES:
+                    # reading a large body only to keep the connection would cost more than the client's reconnect;
+                    # ``refusing`` stays set, so the rest of the message already read is ignored
+                    self.answered = True
+                    gate.refuse(self.refusing)
+                    self.transport.write(refusal(self.refusing, gate.retry_after_s, close=True))
+                    self.transport.close()
+                    observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
+                    return
+            if self.refusing is None:
                 super().on_headers_complete()
+                if self.headers_at:  # judged and admitted here: the ASGI door will not judge it again
+                    gate.admitted_at_door(cast(Scope, self.scope))
 
         def on_body(self, body: bytes) -> None:
-            if not self.refusing:
+            if self.refusing is None:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            if not self.refusing:
+            exc, self.refusing = self.refusing, None
+            if exc is None:
                 super().on_message_complete()
                 return
-            self.refusing = False
-            gate.on_shed()
-            self.transport.write(refusal(gate))
+            if self.answered:  # refused and closed at the headers
+                self.answered = False
+                return
+            gate.refuse(exc)
+            self.transport.write(refusal(exc, gate.retry_after_s))
             if not self.parser.should_keep_alive():
                 self.transport.close()
             else:  # as after any answer: an idle keep-alive connection closes after timeout_keep_alive
                 self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
+            observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
 
     return ParserDoor

@@ -53,8 +53,9 @@ class DrainingServer(uvicorn.Server):
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """How the service runs under uvicorn, here and in the tests: the admission door (service/admission.py) in
-    front of the app, httptools' C parser (or, with ``RERANK_ADMISSION_DOOR=parser``, its subclass in
-    service/parser_door.py), no access log (the service's own metrics count every request), no proxy-header
+    front of the app, httptools' C parser (by default its subclass in service/parser_door.py, which refuses from the
+    parser, on the uvicorn releases it was written for; ``RERANK_ADMISSION_DOOR=asgi`` for the plain one), no access
+    log (the service's own metrics count every request), no proxy-header
     rewriting (nothing reads the client's address), and a bounded graceful shutdown.
 
     The door wraps the app from outside, before FastAPI, Starlette's error middleware and uvicorn's proxy-header
@@ -63,13 +64,20 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     from service.admission import Door
     from service.app import service_of
 
-    gate = service_of(app).gate
+    svc = service_of(app)
+    default_budget_s = settings.default_timeout_ms / 1000.0
     http: Any = "httptools"
-    if settings.admission_door == "parser":
-        from service.parser_door import parser_door
+    if settings.admission_door != "asgi":
+        from service.parser_door import UnsupportedUvicorn, parser_door
 
-        http = parser_door(gate)
-    return uvicorn.Config(Door(app, gate), host=settings.host, port=settings.port, log_level=settings.log_level,
+        try:
+            http = parser_door(svc.gate, default_budget_s, svc.metrics.refusal_seconds.observe)
+        except UnsupportedUvicorn as exc:
+            if settings.admission_door == "parser":
+                raise
+            log.warning("admission door: %s; refusing from the ASGI middleware instead", exc)
+    door = Door(app, svc.gate, default_budget_s, observe=svc.metrics.refusal_seconds.observe)
+    return uvicorn.Config(door, host=settings.host, port=settings.port, log_level=settings.log_level,
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False, http=http,
                           proxy_headers=False)
 

@@ -139,10 +139,9 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
 
 def worker_settings(settings: Settings, workers: int, version: str) -> Settings:
     """One worker's settings: its share of the cores for ONNX Runtime, its share of the service's in-flight
-    floor and ceiling, and the version every worker last reloaded to, if any."""
+    ceiling, and the version every worker last reloaded to, if any."""
     update: dict[str, Any] = {"intra_op_threads": settings.resolved_intra_op_threads(workers),
-                              "max_in_flight": -(-settings.max_in_flight // workers),
-                              "min_in_flight": -(-settings.min_in_flight // workers)}
+                              "max_in_flight": -(-settings.max_in_flight // workers)}
     if version:
         update["model_version"] = version
     return settings.model_copy(update=update)

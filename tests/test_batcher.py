@@ -275,3 +275,22 @@ async def test_inline_is_skipped_while_a_batch_runs_or_when_batches_wait_to_fill
     assert not queued.done()  # batching that waits for a batch to fill (the GPU default) never runs inline
     queued.cancel()
     await waiting.close()
+
+
+async def test_the_worker_thread_runs_at_a_lower_priority_than_the_loop() -> None:
+    import os
+
+    niceness: list[int] = []
+
+    def process(items: list[str]) -> Sequence[str]:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return items
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    b: Batcher[str, str] = Batcher(process, max_batch_size=4, max_batch_cost=1000, max_wait_ms=0.0,
+                                   max_queue_size=10, thread_nice=5, clock=CLOCK)
+    b.start()
+    assert await b.submit("a", deadline()) == "a"
+    await b.close()
+    assert niceness == [min(19, loop_nice + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice  # the loop's own is untouched

@@ -82,20 +82,17 @@ def test_workers_default_to_the_usable_cores_capped_by_a_cgroup_cpu_limit(tmp_pa
 
 def test_a_worker_gets_its_share_of_the_in_flight_limit_and_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("service.config.usable_cores", lambda: 4)
-    base = Settings(_env_file=None, max_in_flight=64, min_in_flight=8, model_version="v1")
+    base = Settings(_env_file=None, max_in_flight=64, model_version="v1")
     one = worker_settings(base, 3, "")
     assert (one.max_in_flight, one.intra_op_threads, one.model_version) == (22, 1, "v1")  # ceil(64 / 3)
-    assert one.min_in_flight == 3  # ceil(8 / 3)
     restarted = worker_settings(base, 2, "v2")  # a replacement loads the version every worker reloaded to
     assert (restarted.max_in_flight, restarted.intra_op_threads, restarted.model_version) == (32, 2, "v2")
-    assert worker_settings(Settings(_env_file=None, max_in_flight=1, min_in_flight=1), 4, "").max_in_flight == 1
+    assert worker_settings(Settings(_env_file=None, max_in_flight=1), 4, "").max_in_flight == 1
 
 
 def test_admission_settings_hold_their_ranges() -> None:
-    with pytest.raises(ValidationError, match="min_in_flight 16 exceeds max_in_flight 8"):
-        Settings(_env_file=None, min_in_flight=16, max_in_flight=8)
-    fixed = Settings(_env_file=None, admission="fixed", min_in_flight=16, max_in_flight=8)  # no floor to hold
-    assert fixed.max_in_flight == 8
-    for bad in ({"admission": "magic"}, {"admission_door": "kernel"}, {"body_timeout_ms": 0}):
+    assert Settings(_env_file=None).admission == "deadline"
+    for bad in ({"admission": "adaptive"}, {"admission_door": "kernel"}, {"body_timeout_ms": 0},
+                {"admission_deadline_share": 0}, {"admission_deadline_share": 1.5}, {"admission_window_s": 0}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             Settings(_env_file=None, **bad)

@@ -172,3 +172,32 @@ def test_histogram_quantile_interpolates_the_delta() -> None:
     after = {0.001: 10.0, 0.002: 110.0, float("inf"): 110.0}  # 100 new observations, all in (1, 2] ms
     assert quantile(before, after, 0.5) == pytest.approx(0.0015)
     assert quantile(before, after, 1.0) == pytest.approx(0.002)
+
+
+def test_admission_table_checks_refusals_where_littles_law_fits_and_speed_where_it_does_not() -> None:
+    """One service target over two repeats: 1,000 model answers/s at 16 and 64 connections (16 and 64 ms of
+    Little's-law wait, inside 100 ms), then 256 connections (256 ms: over) with many fast refusals."""
+    def lv(conns: int, answers: int, refused: int, cpu_s: float, fallbacks: int = 0,
+           refusal_p99: float | None = None) -> dict[str, Any]:
+        return {"target": "service x1", "connections": conns, "requests": answers + refused, "non_2xx": refused,
+                "answers": answers, "fallbacks": fallbacks, "wall_s": 1.0, "server_cpu_s": cpu_s,
+                "model_answers_rps": float(answers - fallbacks), "refusal_p99_ms": refusal_p99}
+
+    def repeat(good_64: int, refused_64: int) -> dict[str, Any]:
+        return {"closed": [lv(16, 1000, 0, 0.5), lv(64, good_64, refused_64, 0.5),
+                           lv(256, 1005, 20000, 1.5025, fallbacks=5, refusal_p99=2.0)]}
+
+    rows = bench.admission([repeat(1000, 5), repeat(1000, 0)])
+    by = {r["connections"]: r for r in rows}
+    assert [by[c]["fits"] for c in (16, 64, 256)] == [True, True, False]
+    assert by[64]["met"] and by[64]["refusals_per_answer"] == pytest.approx(0.0025)
+    assert by[16]["cpu_us_per_answer"] == pytest.approx(500.0)  # 0.5 s of CPU over 1,000 answers
+    # 1.5025 s of CPU, 1,005 answers at 500 us: the other 1 s over 20,000 refusals
+    assert by[256]["cpu_us_per_refusal"] == pytest.approx(50.0) and by[256]["on_time"] == pytest.approx(1 - 5 / 1005)
+    assert by[256]["met"]
+
+    rows = bench.admission([repeat(300, 2000), repeat(310, 2100)])  # refusing at 64 where it all fits: the old gate
+    by = {r["connections"]: r for r in rows}
+    assert not by[64]["met"] and not by[64]["goodput_held"]
+    lines = bench.admission_lines(rows)
+    assert any("| service x1 | 64 | 305 (300 to 310) |" in line and line.endswith("**no** |") for line in lines)

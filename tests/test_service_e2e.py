@@ -43,8 +43,8 @@ async def _stream(url: str, bodies: list[dict[str, Any]], concurrency: int) -> l
         sem = asyncio.Semaphore(concurrency)
 
         async def one(body: dict[str, Any]) -> httpx.Response:
-            async with sem:
-                return await client.post("/rerank", json=body)
+            async with sem:  # the deadline in the header too, as a caller with a long one sends it (README, Overload)
+                return await client.post("/rerank", json=body, headers={"X-Timeout-Ms": str(body["timeout_ms"])})
 
         return await asyncio.gather(*(one(b) for b in bodies))
 
