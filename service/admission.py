@@ -59,8 +59,9 @@ class BusyRate:
     The hold is what keeps admission from collapsing. With few requests in flight the rate measured is bounded by
     one request's latency, not by capacity (batches are small); when a flood of refused clients slows every turn of
     the event loop, that latency grows, a rule fed the current rate admits fewer, more clients are refused and
-    spin, and the loop slows further (one worker, 256 wrk connections, one 5 s run each: 7-24 model answers/s fed
-    the current rate, 726-897 with the hold, against about 1,600 at 64 connections). The rate the service has
+    spin, and the loop slows further (one worker, 256 wrk connections, 5 s runs: 7 model answers/s through the ASGI
+    door and 292 through the parser door fed the current rate, 726-897 with the hold through the parser door,
+    against about 1,600 at 64 connections). The rate the service has
     recently shown it sustains is the better estimate of what it can serve; a lasting slowdown still shows once the
     hold decays, and at once when an admitted request misses its deadline (``Gate.leave(missed=True)`` drops the
     hold). Idle time decays the count and the busy time alike, so the rate
