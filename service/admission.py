@@ -61,11 +61,11 @@ class BusyRate:
     the event loop, that latency grows, a rule fed the current rate admits fewer, more clients are refused and
     spin, and the loop slows further (one worker, 256 wrk connections, 5 s runs: 7 model answers/s through the ASGI
     door and 292 through the parser door fed the current rate, 726-897 with the hold through the parser door,
-    against about 1,600 at 64 connections). The rate the service has
-    recently shown it sustains is the better estimate of what it can serve; a lasting slowdown still shows once the
-    hold decays, and at once when an admitted request misses its deadline (``Gate.leave(missed=True)`` drops the
-    hold). Idle time decays the count and the busy time alike, so the rate
-    holds through a lull; it is ``None`` until ``MIN_BUSY_S`` of busy time has been seen."""
+    against about 1,600 at 64 connections). The rate the service has recently shown it sustains is the better
+    estimate of what it can serve; a lasting slowdown still shows once the hold decays, and at once when an admitted
+    request misses its deadline (``Gate.leave(missed=True)`` drops the hold). Idle time decays the count and the
+    busy time alike, so the rate holds through a lull; it is ``None`` until ``MIN_BUSY_S`` of busy time has been
+    seen."""
 
     def __init__(self, window_s: float = 1.0, clock: Clock = time.monotonic, hold_s: float = 10.0) -> None:
         self.window_s, self.clock, self.hold_s = window_s, clock, hold_s
@@ -97,15 +97,15 @@ class BusyRate:
         self.busy = busy
         if self.busy_s >= MIN_BUSY_S and self.done > 0:
             self.current = self.done / self.busy_s
-            held = self.peak * math.exp(-(now - self.peak_at) / self.hold_s)
-            if self.current >= held:
+            if self.current >= self._held(now):
                 self.peak, self.peak_at = self.current, now
+
+    def _held(self, now: float) -> float:
+        return self.peak * math.exp(-(now - self.peak_at) / self.hold_s)
 
     @property
     def per_s(self) -> float | None:
-        if self.current is None:
-            return None
-        return max(self.current, self.peak * math.exp(-(self.clock() - self.peak_at) / self.hold_s))
+        return None if self.current is None else max(self.current, self._held(self.clock()))
 
 
 class LagProbe:
