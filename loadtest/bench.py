@@ -733,7 +733,8 @@ def main() -> None:
                 for target in targets[:2]:
                     rep["open"].append(open_level(target, rate, args.duration_s, args.models))
             repeats.append(rep)
-    result = {"command": " ".join(["python -m loadtest.bench", *sys.argv[1:]]),
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("RERANK_"))
+    result = {"command": " ".join([*([settings] if settings else []), "python -m loadtest.bench", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "model_version": folder.name, "workers": workers, "duration_s": args.duration_s,
               **({"compare": checkout_name(args.compare)} if args.compare is not None else {}),

@@ -376,7 +376,7 @@ def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Re
     res = Result(name)
     peaks: list[float] = []
     per: dict[int, dict[str, list[Any]]] = {f: {"goodput": [], "share": [], "p99_429": [], "p99_429_first_s": [],
-                                                "sent": []} for f in OVERLOAD_FACTORS}
+                                                "sent": [], "pauses": []} for f in OVERLOAD_FACTORS}
     during: list[Record] = []
     base_rate = 0.0
     with ServiceProcess(env.service_env(), env.work / f"{name}.log", cwd=env.checkout, cpus=svc_cpus) as svc:
@@ -391,6 +391,7 @@ def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Re
             res.marks.setdefault("fault", time.monotonic())
             res.records += [r for r in base if i == 0]  # p99 "before": the first peak window
             for factor in OVERLOAD_FACTORS:
+                pauses0 = metric(svc.url, "rerank_refusal_pauses_total")
                 over = Load(svc.url, env.models, connections=256, rate=factor * base_rate, duration_s=phase,
                             cpus=load_cpus).stop(wait_s=phase + 60)
                 start = min((r.sent for r in over), default=0.0)
@@ -403,6 +404,7 @@ def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Re
                 per[factor]["p99_429_first_s"].append(round(float(np.percentile(first, 99)) * 1000, 2)
                                                       if first else None)
                 per[factor]["sent"].append(round(len(over) / phase, 1))
+                per[factor]["pauses"].append(int(metric(svc.url, "rerank_refusal_pauses_total") - pauses0))
                 res.records += over
                 during += over
         res.marks["recovered"] = time.monotonic()
@@ -784,16 +786,18 @@ def overload_lines(results: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Overload, round by round", "",
              "Goodput: model answers back inside the 100 ms deadline (client side) per second, over the round's peak "
              f"(closed loop, 16 connections). 429 p99 client side, after the first {CONNECT_WARMUP_S:g} s of each "
-             "window (its connections opening; that part in its own column).", "",
+             "window (its connections opening; that part in its own column). Paused: refused connections the "
+             "service left unread while refusals flooded it (rerank_refusal_pauses_total), per window.", "",
              "| scenario | where | offered req/s | goodput / peak, every round | min | 429 p99 ms, every round | max "
-             "| 429 p99 ms, first 0.5 s |", "|---|---|---|---|---|---|---|---|"]
+             "| 429 p99 ms, first 0.5 s | paused |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for f in OVERLOAD_FACTORS:
             shares, p99s = r[f"{f}x_share"], [x for x in r[f"{f}x_p99_429"] if x is not None]
             lines.append(f"| {r['scenario']} | {r['pinned']} | {f}x = {r[f'{f}x_offered_rps']:,.0f} | "
                          f"{', '.join(f'{x:.2f}' for x in shares)} | {min(shares):.2f} | "
                          f"{', '.join(f'{x:.1f}' for x in p99s)} | {max(p99s, default=float('nan')):.1f} | "
-                         f"{', '.join(f'{x:.0f}' for x in r[f'{f}x_p99_429_first_s'] if x is not None)} |")
+                         f"{', '.join(f'{x:.0f}' for x in r[f'{f}x_p99_429_first_s'] if x is not None)} | "
+                         f"{', '.join(str(x) for x in r.get(f'{f}x_pauses', [])) or '-'} |")
     return lines
 
 

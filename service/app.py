@@ -39,7 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import errors
-from service.admission import Gate
+from service.admission import UNREAD_S, Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
@@ -92,7 +92,7 @@ def runtime_of(svc: Service) -> Runtime:
 def make_gate(settings: Settings, metrics: Metrics) -> Gate:
     return Gate(settings.max_in_flight, settings.retry_after_s, by_deadline=settings.admission == "deadline",
                 deadline_share=settings.admission_deadline_share, window_s=settings.admission_window_s,
-                hold_s=settings.admission_hold_s,
+                hold_s=settings.admission_hold_s, flood_ratio=settings.refusal_flood_ratio,
                 on_shed=lambda reason: metrics.rejections.labels(reason=reason).inc())
 
 
@@ -269,7 +269,8 @@ async def admit_and_rank(svc: Service, request: Request, started: float) -> Resp
     settings, metrics, gate = svc.settings, svc.metrics, svc.gate
     gate.handler_started(request.scope)
     runtime = runtime_of(svc)
-    arrived = time.monotonic() - (time.perf_counter() - started)
+    # the request's clock: from its handler, or earlier by the time it may have waited unread on a paused connection
+    arrived = time.monotonic() - (time.perf_counter() - started) - request.scope.get(UNREAD_S, 0.0)
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         metrics.rejections.labels(reason="content_type").inc()

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         "where a refusal is answered: parser = from uvicorn's HTTP parser, without a task or the ASGI app, written "
         "for uvicorn 0.54 and 0.55 only (service/parser_door.py, with what it was measured to save); asgi = a "
         "middleware before routing (any uvicorn); auto = parser on a uvicorn it was written for, else asgi"))
+    refusal_pause_ms: float = Field(0.0, ge=0, le=1000, description=(
+        "while refusals outrun answers refusal_flood_ratio times over, a connection just refused 429 is not read "
+        "for this long, so clients that send again at once cannot spin the event loop on refusals; a request sent "
+        "on it meanwhile is judged as having waited the whole pause. Parser door only (the ASGI door cannot pause a "
+        "connection); 0 = off (the default; 20 is what was measured, see README, Floods of refused clients)"))
+    refusal_flood_ratio: float = Field(4.0, gt=0, description=(
+        "refusals per second over the measured answer rate above which refused connections are paused"))
     max_in_flight: int = Field(256, ge=1, description=(
         "/rerank requests being answered at once by the whole service, a safety ceiling under the deadline rule "
         "or the limit itself with admission=fixed (each of N workers admits 1/N); more get 429 at once"))

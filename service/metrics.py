@@ -68,6 +68,8 @@ class Metrics:
                               "(worst worker)", registry=r, multiprocess_mode="livemax")
         self.refusal_seconds = Histogram("rerank_refusal_duration_seconds", "A 429 from the admission door: its time "
                                          "in the door plus the event-loop lag before it", buckets=SECONDS, registry=r)
+        self.refusal_pauses = Counter("rerank_refusal_pauses_total", "Refused connections not read for "
+                                      "RERANK_REFUSAL_PAUSE_MS because refusals flooded the worker", registry=r)
         # A gauge rather than an Info (which multiprocess mode cannot collect): 1 on the served version's labels.
         self.model_info = Gauge("rerank_model_info", "The model version being served (1)", ["providers", "version"],
                                 registry=r, multiprocess_mode="livemax")

@@ -71,7 +71,8 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         from service.parser_door import UnsupportedUvicorn, parser_door
 
         try:
-            http = parser_door(svc.gate, default_budget_s, svc.metrics.refusal_seconds.observe)
+            http = parser_door(svc.gate, default_budget_s, svc.metrics.refusal_seconds.observe,
+                               pause_s=settings.refusal_pause_ms / 1000.0, paused=svc.metrics.refusal_pauses.inc)
         except UnsupportedUvicorn as exc:
             if settings.admission_door == "parser":
                 raise

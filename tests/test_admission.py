@@ -17,6 +17,7 @@ import pytest
 
 from service.admission import CLOSE_OVER_BYTES, MIN_BUSY_S, BusyRate, Gate, LagProbe, header_budget_s
 from service.app import service_of
+from service.errors import Overloaded
 from tests.conftest import ServiceThread, service_settings, slow_model
 
 POST = {"Content-Type": "application/json"}
@@ -143,6 +144,26 @@ def test_the_deadline_rule_admits_what_littles_law_fits_in_the_share_of_the_dead
     assert gate.verdict(0.0001) is None  # idle: even a hopeless deadline is taken (it falls back; no retry helps)
 
 
+def test_flooded_means_refusals_outrun_the_measured_answer_rate_by_the_ratio() -> None:
+    clock = Clock()
+    gate = Gate(10_000, retry_after_s=1, clock=clock, flood_ratio=4.0)
+    refusal = Overloaded("full", "timeout_ms", 100.0)
+    for _ in range(10_000):  # no answer rate measured yet: never flooded
+        gate.refuse(refusal)
+    assert not gate.flooded()
+    gate = busy_gate(1000.0, clock, flood_ratio=4.0)
+    for _ in range(3_000):  # 3,000 refusals in 0.3 s, about 2,600/s weighted over the 1 s window
+        clock.now += 0.0001
+        gate.refuse(refusal)
+    assert 2_000 < gate.refusals.per_s < 3_000 and not gate.flooded()
+    for _ in range(3_000):  # as many again: about 5,000/s, over 4 x 1,000
+        clock.now += 0.0001
+        gate.refuse(refusal)
+    assert gate.refusals.per_s > 4_000 and gate.flooded()
+    clock.now += 0.5  # refusals decay to about 3,000/s: under the ratio again
+    assert 2_000 < gate.refusals.per_s < 4_000 and not gate.flooded()
+
+
 def test_the_ceiling_holds_under_either_rule_and_fixed_ignores_deadlines() -> None:
     shed: list[str] = []
     gate = Gate(2, retry_after_s=3, on_shed=shed.append)
@@ -178,7 +199,7 @@ def test_the_door_reads_the_deadline_from_x_timeout_ms_or_takes_the_default() ->
 
 @pytest.mark.parametrize("door", ["asgi", "parser"])
 def test_the_door_refuses_before_parsing_the_body_and_keeps_the_connection(model_root: Path, door: str) -> None:
-    """Both doors: the ASGI middleware (default) and the opt-in one in uvicorn's parser (service/parser_door.py)."""
+    """Both doors: the one in uvicorn's parser (service/parser_door.py, the default) and the ASGI middleware."""
     settings = service_settings(model_root, admission="fixed", max_in_flight=2, admission_door=door)
     with ServiceThread(settings) as svc:
         assert (svc.server.config.http == "httptools") == (door == "asgi")
@@ -343,7 +364,7 @@ def test_pipelined_requests_on_a_closed_connection_leave_no_slot_taken(model_roo
         assert gate.in_flight == 0
 
 
-# ------------------------------------------------------------------------------------------- the opt-in parser door
+# ------------------------------------------------------------------------------------------- the parser door
 
 
 def test_the_parser_door_refuses_on_a_uvicorn_it_was_not_written_for() -> None:
@@ -367,3 +388,47 @@ def test_auto_falls_back_to_the_asgi_door_on_an_untested_uvicorn_and_parser_refu
     parser = service_settings(model_root, admission_door="parser")
     with pytest.raises(UnsupportedUvicorn):
         uvicorn_config(create_app(parser), parser)
+
+
+def test_the_parser_door_pauses_a_refused_connection_when_flooded_and_charges_the_pause_to_its_next_request(
+        model_root: Path) -> None:
+    """1,000 answers/s measured and 200 in flight predict a 200 ms wait. Not flooded, a refusal pauses nothing (the
+    next request, X-Timeout-Ms 1,200, is admitted at once). Flooded, a refused connection is not read for 1 s, and
+    a request sent during that pause is judged as having waited all of it: at the door (X-Timeout-Ms 1,200 leaves
+    200 ms, refused) and in the handler (body timeout_ms 1,200 behind a generous header, refused there). The
+    request after an admitted one, and one sent once a pause is over, are charged nothing (1,200 ms: admitted)."""
+    settings = service_settings(model_root, admission_door="parser", refusal_pause_ms=1000)
+    with ServiceThread(settings) as svc:
+        gate = gate_of(svc)
+        gate.rate.current = 1000.0
+        gate.in_flight = 200
+        conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+
+        def send(timeout_ms: int, header_ms: int | None) -> tuple[int, dict[str, object]]:
+            headers = POST | ({"X-Timeout-Ms": str(header_ms)} if header_ms else {})
+            conn.request("POST", "/rerank", body(model_root, timeout_ms=timeout_ms), headers)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+
+        assert not gate.flooded()
+        assert send(5000, None)[0] == 429  # the default 100 ms deadline: refused
+        assert send(5000, 1200)[0] == 200  # not flooded: no pause, nothing charged
+
+        gate.rate.current = 1000.0  # as measured before the answer above, which would move it
+        gate.refusals.count = 1e12  # refusals far beyond 4x the answer rate, for the rest of the test
+        assert gate.flooded()
+        assert send(5000, None)[0] == 429  # refused; the connection pauses
+        assert metric(svc.url, "rerank_refusal_pauses_total") == 1
+        status, answer = send(5000, 1200)  # written during the pause
+        assert status == 429 and answer["error"]["value"] == 200.0, answer  # type: ignore[index]
+        status, answer = send(1200, 5000)  # during the next pause: the door admits, the handler charges it
+        error = answer["error"]
+        assert status == 429 and error["field"] == "timeout_ms" and 0 < error["value"] <= 200, answer  # type: ignore[index]
+        assert send(5000, 1200)[0] == 200  # the handler's refusal pauses nothing: no charge
+
+        gate.rate.current = 1000.0
+        assert send(5000, None)[0] == 429
+        time.sleep(1.5)  # past the pause before writing: nothing was waiting when reading resumed
+        assert send(5000, 1200)[0] == 200
+        conn.close()
+        gate.in_flight = 0
