@@ -46,14 +46,13 @@ from service.features import CircuitBreaker, FeatureStore, make_redis, read_snap
 from service.manifest import ModelError
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Job, Ranked, RerankModel, find_version
-from service.schemas import ErrorBody, RerankRequest, RerankResponse, check_request, parse_request
+from service.schemas import ErrorBody, FallbackReason, RerankRequest, RerankResponse, check_request, parse_request
 
 if TYPE_CHECKING:
     from service.workers import Peers
 
 log = logging.getLogger("rerank.app")
 
-FALLBACK_REASONS = ("deadline", "draining", "model_error")  # the values of ``fallback_reason``
 
 
 @dataclass
@@ -314,7 +313,7 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
     job = Job([c.item_id for c in req.candidates],
               np.fromiter((c.score for c in req.candidates), dtype=np.float32, count=len(req.candidates)),
               features, k)
-    reason: str | None = None
+    reason: FallbackReason = "model_error"
     ranked: Ranked | None = None
     budget = deadline - time.monotonic()
     try:
@@ -334,7 +333,7 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
         reason = "model_error"
 
     if ranked is None:
-        metrics.fallbacks.labels(reason=reason or "model_error").inc()
+        metrics.fallbacks.labels(reason=reason).inc()
         body = {"request_id": req.request_id, "model_version": model.version, "items": fallback_items(req, k),
                 "fallback": True, "fallback_reason": reason}
         return json_response(body), reason == "deadline"

@@ -8,7 +8,7 @@ and value. Does not know: features, batching or ONNX.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,6 +52,10 @@ class RankedItem(BaseModel):
     rank: int = Field(description="1-based")
 
 
+FallbackReason = Literal["deadline", "draining", "model_error"]
+FALLBACK_REASONS: tuple[str, ...] = get_args(FallbackReason)  # the values of ``fallback_reason``
+
+
 class RerankResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "request_id": "r-1", "model_version": "ml100k-prm-v1",
@@ -63,7 +67,9 @@ class RerankResponse(BaseModel):
     model_version: str
     items: list[RankedItem]
     fallback: bool = Field(description="true when the answer is the retriever order, not the model's")
-    fallback_reason: str | None = Field(description="model_error, deadline or no_model; null otherwise")
+    fallback_reason: FallbackReason | None = Field(description=(
+        "why the answer is the retriever order: deadline (the request's deadline passed before the model answered), "
+        "draining (the service shut down before the request ran) or model_error (the model raised); null otherwise"))
 
 
 class ErrorDetail(BaseModel):

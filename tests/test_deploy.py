@@ -169,8 +169,30 @@ def test_the_docs_name_only_real_settings_and_env_example_lists_every_one() -> N
     assert listed == SETTING_VARS, sorted(SETTING_VARS ^ listed)
 
 
-def test_the_readme_lists_every_fallback_reason() -> None:
-    from service.app import FALLBACK_REASONS
+def test_the_readme_and_the_openapi_schema_list_every_fallback_reason() -> None:
+    from service.app import create_app
+    from service.schemas import FALLBACK_REASONS
 
     text = (ROOT / "README.md").read_text()
     assert all(f"`{reason}`" in text for reason in FALLBACK_REASONS)
+    field = create_app().openapi()["components"]["schemas"]["RerankResponse"]["properties"]["fallback_reason"]
+    assert [set(option.get("enum", [])) for option in field["anyOf"]] == [set(FALLBACK_REASONS), set()], field
+    assert all(reason in field["description"] for reason in FALLBACK_REASONS)
+
+
+def test_the_readme_lists_exactly_the_metrics_the_service_declares() -> None:
+    declared = {m.name + ("_total" if m.type == "counter" else "") for m in Metrics().registry.collect()}
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `GET /metrics`"))
+    listed = set(re.findall(r"`(rerank_[a-z_]+)", row))
+    assert listed == declared, sorted(listed ^ declared)
+
+
+def test_the_readme_names_every_make_target_and_the_compose_drain_time() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = readme.split("## Commands", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"^make (\S+)", commands, re.M))
+    phony = set(re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split())  # type: ignore[union-attr]
+    assert named == phony, sorted(named ^ phony)
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    grace = compose["services"]["rerank"]["stop_grace_period"]
+    assert f"gets {grace.removesuffix('s')} s to drain on stop" in readme, grace
