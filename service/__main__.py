@@ -24,13 +24,13 @@ from service.config import Settings
 
 def serve(settings: Settings) -> None:
     """``RERANK_WORKERS`` processes behind the port (one per core by default); with one, this process serves."""
-    from service.app import create_app
-    from service.server import serve_app
+    from service.app import create_stack
+    from service.server import serve
     from service.workers import Supervisor
 
     workers = settings.resolved_workers()
     if workers == 1:
-        serve_app(create_app(settings), settings)
+        serve(create_stack(settings), settings)
         return
     code = Supervisor(settings, workers).run()
     if code:

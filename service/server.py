@@ -1,7 +1,8 @@
 """One serving process: uvicorn with a drain phase.
 
 Owns: the uvicorn configuration the service runs under (here, in the workers and in the tests), the drain on
-SIGTERM, and serving one app on a given socket. Does not know: routes, models, or how many processes serve.
+SIGTERM, and serving one ``Servable`` (an ASGI app, its HTTP protocol and a drain hook) on a given socket. Does
+not know: the app, its state, routes, models, or how many processes serve.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import uvicorn
 
 from service.config import Settings
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
 
 # After the drain delay, in-flight requests get this long to finish (deploy/ grace periods are longer than
 # the drain delay plus this).
@@ -51,35 +49,26 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    """How the service runs under uvicorn, here and in the tests: the admission door (service/admission.py) in
-    front of the app, httptools' C parser (by default its subclass in service/parser_door.py, which refuses from the
-    parser, on the uvicorn releases it was written for; ``RERANK_ADMISSION_DOOR=asgi`` for the plain one), no access
-    log (the service's own metrics count every request), no proxy-header
-    rewriting (nothing reads the client's address), and a bounded graceful shutdown.
+class Servable(Protocol):
+    """An ASGI app as this module serves it (service/app.py's ``Stack`` is one): the callable, the uvicorn HTTP
+    protocol to parse with, and what to call on the first SIGTERM."""
 
-    The door wraps the app from outside, before FastAPI, Starlette's error middleware and uvicorn's proxy-header
-    middleware: measured with wrk against a gate held full, 10,500-11,300 refusals/s that way against 8,100-8,400
-    as a Starlette middleware."""
-    from service.admission import Door
-    from service.app import service_of
+    @property
+    def asgi(self) -> Any: ...
 
-    svc = service_of(app)
-    default_budget_s = settings.default_timeout_ms / 1000.0
-    http: Any = "httptools"
-    if settings.admission_door != "asgi":
-        from service.parser_door import UnsupportedUvicorn, parser_door
+    @property
+    def http(self) -> Any: ...
 
-        try:
-            http = parser_door(svc.gate, default_budget_s, svc.metrics.refusal_seconds.observe,
-                               pause_s=settings.refusal_pause_ms / 1000.0, paused=svc.metrics.refusal_pauses.inc)
-        except UnsupportedUvicorn as exc:
-            if settings.admission_door == "parser":
-                raise
-            log.warning("admission door: %s; refusing from the ASGI middleware instead", exc)
-    door = Door(app, svc.gate, default_budget_s, observe=svc.metrics.refusal_seconds.observe)
-    return uvicorn.Config(door, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False, http=http,
+    @property
+    def on_drain(self) -> Callable[[], None]: ...
+
+
+def uvicorn_config(stack: Servable, settings: Settings) -> uvicorn.Config:
+    """How the service runs under uvicorn, here and in the tests: the stack's app and HTTP protocol, no access log
+    (the service's own metrics count every request), no proxy-header rewriting (nothing reads the client's
+    address), and a bounded graceful shutdown."""
+    return uvicorn.Config(stack.asgi, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False, http=stack.http,
                           proxy_headers=False)
 
 
@@ -96,9 +85,7 @@ def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socke
     return sock
 
 
-def serve_app(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then drain (blocking)."""
-    from service.app import begin_drain
-
-    server = DrainingServer(uvicorn_config(app, settings), lambda: begin_drain(app), settings.drain_delay_s)
+def serve(stack: Servable, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Serve ``stack`` until SIGTERM or SIGINT, then drain (blocking)."""
+    server = DrainingServer(uvicorn_config(stack, settings), stack.on_drain, settings.drain_delay_s)
     server.run(sockets=sockets)

@@ -29,32 +29,34 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
 from service.metrics import MULTIPROC_ENV
 from service.server import GRACEFUL_SHUTDOWN_S
+
+if TYPE_CHECKING:  # the supervisor process never imports the app
+    from service.app import Reloader
 
 log = logging.getLogger("service.workers")
 RELOAD_TIMEOUT_S = 300.0  # every worker loads, validates and warms the new version up in this long
 PR_SET_PDEATHSIG = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Message = tuple[Any, ...]
-Reloader = Callable[[str], Coroutine[Any, Any, dict[str, Any]]]  # version -> this worker's reload result
 
 
 # ------------------------------------------------------------------------------------------ in the worker
 
 
-class Peers:
-    """A worker's end of the control channel: ask for a reload of every worker, and apply the reloads the
-    supervisor sends (on the worker's event loop, through ``on_reload``, which the app sets when it is ready)."""
+class PipePeers:
+    """A worker's end of the control channel (``service.app.Peers`` over the supervisor's pipe): ask for a reload
+    of every worker, and apply the reloads the supervisor sends (on the worker's event loop, through
+    ``on_reload``, which the app sets when it is ready)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -128,13 +130,13 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     settings = worker_settings(settings, workers, version)
-    from service.app import create_app
-    from service.server import reuse_port_socket, serve_app
+    from service.app import create_stack
+    from service.server import reuse_port_socket, serve
 
     sock = reuse_port_socket(settings.host, settings.port)
     log.info("worker %d (pid %d) on %s:%d, %d ONNX Runtime threads", index, os.getpid(), settings.host,
              settings.port, settings.intra_op_threads)
-    serve_app(create_app(settings, peers=Peers(conn)), settings, sockets=[sock])
+    serve(create_stack(settings, peers=PipePeers(conn)), settings, sockets=[sock])
 
 
 def worker_settings(settings: Settings, workers: int, version: str) -> Settings:

@@ -73,12 +73,13 @@ class ServiceThread:
     def __init__(self, settings: Any) -> None:
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_stack
         from service.server import uvicorn_config
 
         self.port = settings.port
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings))
+        stack = create_stack(settings)
+        self.app = stack.app
+        self.server = uvicorn.Server(uvicorn_config(stack, settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

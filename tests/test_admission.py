@@ -377,17 +377,18 @@ def test_the_parser_door_refuses_on_a_uvicorn_it_was_not_written_for() -> None:
 
 def test_auto_falls_back_to_the_asgi_door_on_an_untested_uvicorn_and_parser_refuses_to_start(
         model_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.app import create_app
+    from service.app import create_stack
     from service.parser_door import UnsupportedUvicorn
     from service.server import uvicorn_config
 
-    assert uvicorn_config(create_app(service_settings(model_root)), service_settings(model_root)).http != "httptools"
+    default = service_settings(model_root)
+    assert uvicorn_config(create_stack(default), default).http != "httptools"
     monkeypatch.setattr("service.parser_door.SUPPORTED", ("0.99.",))
     auto = service_settings(model_root, admission_door="auto")
-    assert uvicorn_config(create_app(auto), auto).http == "httptools"
+    assert uvicorn_config(create_stack(auto), auto).http == "httptools"
     parser = service_settings(model_root, admission_door="parser")
     with pytest.raises(UnsupportedUvicorn):
-        uvicorn_config(create_app(parser), parser)
+        create_stack(parser)
 
 
 def test_the_parser_door_pauses_a_refused_connection_when_flooded_and_charges_the_pause_to_its_next_request(
