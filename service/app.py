@@ -260,27 +260,28 @@ def publish_gauges(svc: Service, runtime: Runtime) -> None:
 async def rerank(request: Request) -> Response:
     """Rerank the candidates; answers in retriever order with ``fallback: true`` if the model fails or the
     deadline passes first."""
-    started = time.perf_counter()
+    started = time.monotonic()  # the one arrival time: the handler's latency and the request's deadline count from it
     svc = service_of(request)
     try:
         response = await admit_and_rank(svc, request, started)
     except errors.ServiceError as exc:
         svc.metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
-        svc.metrics.request_seconds.observe(time.perf_counter() - started)
+        svc.metrics.request_seconds.observe(time.monotonic() - started)
         return errors.error_response(exc)
     svc.metrics.requests.labels(status="2xx").inc()
-    svc.metrics.request_seconds.observe(time.perf_counter() - started)
+    svc.metrics.request_seconds.observe(time.monotonic() - started)
     return response
 
 
 async def admit_and_rank(svc: Service, request: Request, started: float) -> Response:
     """Content type, body, parse and check, admission against the request's own deadline (the slot held until
-    the answer), then ``rank``."""
+    the answer), then ``rank``. ``started``: when the handler began (time.monotonic)."""
     settings, metrics, gate = svc.settings, svc.metrics, svc.gate
     gate.handler_started(request.scope)
     runtime = runtime_of(svc)
-    # the request's clock: from its handler, or earlier by the time it may have waited unread on a paused connection
-    arrived = time.monotonic() - (time.perf_counter() - started) - request.scope.get(UNREAD_S, 0.0)
+    # the deadline's clock: the handler's start, or earlier by the time the request may have waited unread on a
+    # paused connection (service/parser_door.py)
+    arrived = started - request.scope.get(UNREAD_S, 0.0)
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         metrics.rejections.labels(reason="content_type").inc()
@@ -312,9 +313,9 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
     """Features, the batcher under ``deadline``, the answer (in retriever order if the model fails or is late), and
     whether the deadline passed before the model answered."""
     settings, metrics = svc.settings, svc.metrics
-    t_feat = time.perf_counter()
+    t_feat = time.monotonic()
     features, source, redis_failed = await runtime.features.get(req.user_id)
-    metrics.feature_seconds.observe(time.perf_counter() - t_feat)
+    metrics.feature_seconds.observe(time.monotonic() - t_feat)
     metrics.feature_lookups.labels(source=source).inc()
     if redis_failed:
         metrics.redis_errors.inc()
