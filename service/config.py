@@ -1,8 +1,8 @@
 """Service settings, read once from ``RERANK_*`` environment variables (and an optional ``.env`` file).
 
 Owns: every tunable with its unit in the name and a device-aware default. Does not know: how any of
-them is used. ``.env.example`` documents every field, with its default (tests/test_config.py keeps the two equal);
-the README explains the ones a caller's experience depends on.
+them is used. ``.env.example`` documents every field, with its default (tests/service/test_config.py keeps the
+two equal); the README explains the ones a caller's experience depends on.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from service.errors import Overloaded
 
 SUPPORTED = ("0.54.", "0.55.")  # uvicorn releases whose httptools protocol this subclass was written against and tested
 # 0.55: its httptools protocol differs from 0.54 only in header-value whitespace, the upgrade path and a Python<3.11
-# branch; none of the attributes used here changed, and tests/test_admission.py passes on it.
+# branch; none of the attributes used here changed, and tests/service/test_admission.py passes on it.
 
 
 class UnsupportedUvicorn(RuntimeError):

@@ -1,7 +1,7 @@
 """Shared fixtures. The service's (Redis, exported models, the app under uvicorn) import no torch, so the
 service's tests run in a service-only environment: there ``RERANK_TEST_MODELS`` names a folder holding the
 exported versions tiny-v1 and tiny-v2 (tests/test_image.py runs them that way). With the training extra
-installed, the models are trained and exported here (tests/training_fixtures.py)."""
+installed, the models are trained and exported here (tests/training/fixtures.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from loadtest.procs import RedisServer, free_port
 
 HAVE_TRAINING = importlib.util.find_spec("torch") is not None
 if HAVE_TRAINING:  # the fixtures must be in this module's namespace for pytest to find them
-    from tests.training_fixtures import ml100k, synthetic_files, tiny  # noqa: F401
+    from tests.training.fixtures import ml100k, synthetic_files, tiny  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------- service

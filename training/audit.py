@@ -85,7 +85,7 @@ def ranking_scores(lists: dict[str, CandidateLists], counts: np.ndarray, rng: np
 
 # ML-100K's lists: train - valid list AUC +0.5 (popularity), +0.1 (uniform), +3.1 (retrieved); -7.3 when a
 # training list could hold items the user met later; far above for lists scored in-sample (the first version:
-# training-list AUC over 15 points above its test lists, tests/test_audit.py).
+# training-list AUC over 15 points above its test lists, tests/training/test_audit.py).
 MAX_AUC_GAP = 5.0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training_fixtures import TINY_TRAIN, Tiny
+from tests.training.fixtures import TINY_TRAIN, Tiny
 from training import runner
 from training.runner import Run
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service import manifest as manifest_module
-from tests.training_fixtures import Tiny
+from tests.training.fixtures import Tiny
 from training import export, metrics
 from training.train import TrainConfig, build_model, lr_factor, predict, resolve_device, train
 

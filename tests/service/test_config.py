@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from service.config import Settings, default_workers, usable_cores
 from service.workers import worker_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_env_example_documents_every_setting() -> None:

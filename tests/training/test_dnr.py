@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training_fixtures import Tiny
+from tests.training.fixtures import Tiny
 from training import generator, metrics
 from training.train import (
     VARIANTS,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.training_fixtures import TINY_LISTS, Tiny
+from tests.training.fixtures import TINY_LISTS, Tiny
 from training import audit, candidates, data, metrics, retriever
 from training.__main__ import main
 from training.train import TrainConfig, train

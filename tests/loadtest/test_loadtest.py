@@ -21,7 +21,7 @@ from loadtest.replay import quantile
 from loadtest.servers import Timed, ceiling_app, naive_app
 from tests.conftest import ServiceThread, service_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------- workload

@@ -173,7 +173,7 @@ def test_choices_compares_the_open_knobs_on_validation(tmp_path: Path, synthetic
 
 
 def test_make_model_builds_the_variant_the_report_picked_on_validation() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     report = (root / "reports" / "ml100k.md").read_text()
     best = re.search(r"Ships \(the exported default, what `make model` builds\): \*\*([\w-]+)\*\*", report)
     assert best, "the report lost its marker"

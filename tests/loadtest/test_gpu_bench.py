@@ -14,7 +14,7 @@ import pytest
 
 from loadtest import gpu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_top_keeps_request_order_on_ties_and_ignores_padding() -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tests.training_fixtures import TINY_LISTS, Tiny
+from tests.training.fixtures import TINY_LISTS, Tiny
 from training import candidates, data, retriever
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training_fixtures import Tiny
+from tests.training.fixtures import Tiny
 from training import capacity, metrics
 from training.train import predict, train
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.training_fixtures import Tiny
+from tests.training.fixtures import Tiny
 from training import data, retriever
 
 
