@@ -133,8 +133,8 @@ def test_image_install_replayed_from_the_public_index_serves_a_model(image_venv:
 
 # The service's own tests, in the image's environment plus the test tools: no torch, no pandas, no training
 # package on the path, the models trained by this session (RERANK_TEST_MODELS).
-SERVICE_TESTS = ["tests/test_admission.py", "tests/test_app.py", "tests/test_batcher.py", "tests/test_config.py",
-                 "tests/test_features.py", "tests/test_serving_model.py"]
+SERVICE_TESTS = [f"tests/service/test_{name}.py" for name in ("admission", "app", "batcher", "config", "features",
+                                                                "model")]
 TEST_TOOLS = ["pytest", "pytest-asyncio", "httpx"]
 
 
