@@ -65,7 +65,6 @@ class Peers(Protocol):
     async def reload_all(self, version: str) -> list[dict[str, Any]]: ...
 
 
-
 @dataclass
 class Runtime:
     """What the lifespan opens and closes. Handlers read ``model`` once per use (a reload swaps it whole)."""
