@@ -73,8 +73,8 @@ class NotReady(ServiceError):
 
 def short(value: Any) -> Any:
     """The offending value as it goes into a body: JSON-safe and at most MAX_VALUE_CHARS long."""
-    if value is None or isinstance(value, bool | int):
-        return value
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and -(1 << 63) <= value < 1 << 64):
+        return value  # an integer orjson can write; a wider one goes as its text (it would fail the encoder)
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else repr(value)
     text = value if isinstance(value, str) else repr(value)

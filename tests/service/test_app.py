@@ -64,6 +64,8 @@ BAD_JSON_CASES: list[tuple[str, Any, int, str]] = [
     ("timeout negative", {"user_id": "u1", "candidates": cands(3), "timeout_ms": -5}, 422, "timeout_ms"),
     ("timeout too long", {"user_id": "u1", "candidates": cands(3), "timeout_ms": 1e9}, 422, "timeout_ms"),
     ("body is an array", [1, 2], 422, "body"),
+    ("body is a 65-bit integer", b"-42015983831773577216", 422, "body"),  # found by schemathesis: once a 500
+    ("k beyond 64 bits", {"user_id": "u1", "candidates": cands(3), "k": 1 << 70}, 422, "k"),
     ("malformed JSON", b'{"user_id": "u1", "candidates": [', 400, "body"),
     ("not UTF-8", b'{"user_id": "\xff\xfe"}', 400, "body"),
     ("empty body", b"", 400, "body"),
@@ -79,6 +81,7 @@ BAD_VALUES: dict[str, Any] = {
     "score above range": 1.5, "negative score": -0.1, "missing item_id": "{'score': 0.3}",
     "duplicate item id": "1000", "k zero": 0, "k above candidates": 4, "k not an int": "six",
     "timeout negative": -5.0, "timeout too long": 1e9, "body is an array": "[1, 2]",
+    "body is a 65-bit integer": "-42015983831773577216", "k beyond 64 bits": str(1 << 70),
     "malformed JSON": '{"user_id": "u1", "candidates": [', "not UTF-8": '{"user_id": "\ufffd\ufffd"}',
     "empty body": "", "body over the limit": 5744,
 }
