@@ -38,7 +38,8 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import ClassVar, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -78,6 +79,89 @@ def refusal(exc: Overloaded, retry_after_s: int, close: bool = False) -> bytes:
             + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+@dataclass(frozen=True)
+class DoorSettings:
+    """What one service's parser door refuses by and reports to (see ``parser_door``)."""
+
+    gate: Gate
+    default_budget_s: float
+    observe: Callable[[float], None]
+    path: bytes
+    pause_s: float
+    paused: Callable[[], None]
+
+
+class ParserDoor(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the admission door in its parser callbacks; ``parser_door`` makes the
+    subclass that carries a service's ``DoorSettings``."""
+
+    door: ClassVar[DoorSettings]
+    refusing: Overloaded | None = None
+    answered = False  # the refusal went out at the headers and the connection is closing
+    headers_at = 0.0
+    unread_s = 0.0  # the pause this connection's next request may have waited through, charged to its deadline
+
+    def resume(self) -> None:
+        if self.transport.is_closing():
+            return
+        if not unread_bytes(self.transport):  # nothing came during the pause: the next request waits for nothing
+            self.unread_s = 0.0
+        self.flow.resume_reading()
+
+    def on_headers_complete(self) -> None:
+        door, gate = self.door, self.door.gate
+        self.refusing, self.headers_at = None, 0.0
+        unread_s, self.unread_s = self.unread_s, 0.0
+        idle = (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+        if (idle and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == door.path
+                and not self.expect_100_continue):
+            self.headers_at = time.perf_counter()
+            self.refusing = gate.verdict(header_budget_s(self.headers, door.default_budget_s) - unread_s)
+            if self.refusing is not None and declared_length(self.headers) > CLOSE_OVER_BYTES:
+                # reading a large body only to keep the connection would cost more than the client's reconnect;
+                # ``refusing`` stays set, so the rest of the message already read is ignored
+                self.answered = True
+                gate.refuse(self.refusing)
+                self.transport.write(refusal(self.refusing, gate.retry_after_s, close=True))
+                self.transport.close()
+                door.observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
+                return
+        if self.refusing is None:
+            super().on_headers_complete()
+            if unread_s:
+                self.scope[UNREAD_S] = unread_s  # type: ignore[literal-required]
+            if self.headers_at:  # judged and admitted here: the ASGI door will not judge it again
+                gate.admitted_at_door(cast(Scope, self.scope))
+
+    def on_body(self, body: bytes) -> None:
+        if self.refusing is None:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        exc, self.refusing = self.refusing, None
+        if exc is None:
+            super().on_message_complete()
+            return
+        if self.answered:  # refused and closed at the headers
+            self.answered = False
+            return
+        door, gate = self.door, self.door.gate
+        gate.refuse(exc)
+        self.transport.write(refusal(exc, gate.retry_after_s))
+        if not self.parser.should_keep_alive():
+            self.transport.close()
+        else:  # as after any answer: an idle keep-alive connection closes after timeout_keep_alive
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+            if door.pause_s > 0 and gate.flooded():
+                door.paused()
+                self.flow.pause_reading()
+                self.unread_s = door.pause_s
+                self.loop.call_later(door.pause_s, self.resume)
+        door.observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
+
+
 def parser_door(gate: Gate, default_budget_s: float, observe: Callable[[float], None] = lambda s: None,
                 path: bytes = b"/rerank", pause_s: float = 0.0,
                 paused: Callable[[], None] = lambda: None) -> type[HttpToolsProtocol]:
@@ -93,69 +177,5 @@ def parser_door(gate: Gate, default_budget_s: float, observe: Callable[[float], 
     this door and in the handler (scope ``UNREAD_S``) as if it had waited the whole pause already. ``paused`` is
     called once per pause."""
     check_version()
-
-    class ParserDoor(HttpToolsProtocol):
-        refusing: Overloaded | None = None
-        answered = False  # the refusal went out at the headers and the connection is closing
-        headers_at = 0.0
-        unread_s = 0.0  # the pause this connection's next request may have waited through, charged to its deadline
-
-        def resume(self) -> None:
-            if self.transport.is_closing():
-                return
-            if not unread_bytes(self.transport):  # nothing came during the pause: the next request waits for nothing
-                self.unread_s = 0.0
-            self.flow.resume_reading()
-
-        def on_headers_complete(self) -> None:
-            self.refusing, self.headers_at = None, 0.0
-            unread_s, self.unread_s = self.unread_s, 0.0
-            idle = (self.cycle is None or self.cycle.response_complete) and not self.pipeline
-            if (idle and self.parser.get_method() == b"POST" and self.url.split(b"?", 1)[0] == path
-                    and not self.expect_100_continue):
-                self.headers_at = time.perf_counter()
-                self.refusing = gate.verdict(header_budget_s(self.headers, default_budget_s) - unread_s)
-                if self.refusing is not None and declared_length(self.headers) > CLOSE_OVER_BYTES:
-                    # reading a large body only to keep the connection would cost more than the client's reconnect;
-                    # ``refusing`` stays set, so the rest of the message already read is ignored
-                    self.answered = True
-                    gate.refuse(self.refusing)
-                    self.transport.write(refusal(self.refusing, gate.retry_after_s, close=True))
-                    self.transport.close()
-                    observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
-                    return
-            if self.refusing is None:
-                super().on_headers_complete()
-                if unread_s:
-                    self.scope[UNREAD_S] = unread_s  # type: ignore[literal-required]
-                if self.headers_at:  # judged and admitted here: the ASGI door will not judge it again
-                    gate.admitted_at_door(cast(Scope, self.scope))
-
-        def on_body(self, body: bytes) -> None:
-            if self.refusing is None:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            exc, self.refusing = self.refusing, None
-            if exc is None:
-                super().on_message_complete()
-                return
-            if self.answered:  # refused and closed at the headers
-                self.answered = False
-                return
-            gate.refuse(exc)
-            self.transport.write(refusal(exc, gate.retry_after_s))
-            if not self.parser.should_keep_alive():
-                self.transport.close()
-            else:  # as after any answer: an idle keep-alive connection closes after timeout_keep_alive
-                self._unset_keepalive_if_required()
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                    self.timeout_keep_alive_handler)
-                if pause_s > 0 and gate.flooded():
-                    paused()
-                    self.flow.pause_reading()
-                    self.unread_s = pause_s
-                    self.loop.call_later(pause_s, self.resume)
-            observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
-
-    return ParserDoor
+    settings = DoorSettings(gate, default_budget_s, observe, path, pause_s, paused)
+    return type("ParserDoor", (ParserDoor,), {"door": settings})
