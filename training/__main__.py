@@ -136,64 +136,112 @@ def run_cache(folder: str, dataset: data.Dataset, data_cfg: DataConfig, retr_cfg
     return runner.RunCache(Path(folder) / dataset.name, context) if folder else None
 
 
-def cmd_pipeline(args: argparse.Namespace) -> None:
-    t0 = time.perf_counter()
-    data_cfg = from_args(DataConfig, args)
-    list_cfg = from_args(candidates.ListConfig, args)
-    run_cfg = from_args(RunConfig, args)
-    retr_cfg = from_args(retriever.RetrieverConfig, args, "mf_")
-    train_cfg = from_args(TrainConfig, args)
-    variants = [v.strip() for v in run_cfg.variants.split(",") if v.strip()]
-    evaluate.check_variants(variants)
-    fixed_key = [v.strip() for v in run_cfg.regime_variants.split(",") if v.strip()]
-    evaluate.check_variants(fixed_key)
-    regime_samplers = [s.strip() for s in run_cfg.regime_samplers.split(",") if s.strip()]
-    for sampler in regime_samplers:
-        dataclasses.replace(list_cfg, sampler=sampler)  # refuses an unknown sampler before any training
-    dataset = load_dataset(data_cfg)
-    print(data.stats_table(dataset), flush=True)
+def names(csv_list: str) -> list[str]:
+    return [v.strip() for v in csv_list.split(",") if v.strip()]
 
-    retr = retriever.fit_retrievers(dataset, retr_cfg)
-    retr_auc = retriever.heldout_auc(dataset, retr.pre_valid)
-    print(f"retriever held-out AUC {retr_auc:.4f} ({retr_cfg.folds} out-of-fold MFs for the training lists)",
-          flush=True)
-    default = list_cfg.sampler
+
+@dataclasses.dataclass
+class Regimes:
+    """Every regime's lists and audit: the default sampler first, then the paper's protocol, the controlled
+    regimes (name -> gamma) and the other samplers."""
+
+    default: str
+    lists_of: dict[str, dict[str, candidates.CandidateLists]]
+    audits: dict[str, audit.Audit]
+    controlled: dict[str, float]
+    paper: list[str]
+    others: list[str]
+
+    @property
+    def order(self) -> list[str]:
+        """The regimes after the default, in training order: the paper's protocol and the controlled regimes
+        first, since they answer the first question."""
+        return [*self.paper, *self.controlled, *self.others]
+
+
+def build_regimes(dataset: data.Dataset, retr: retriever.RetrieverScores, retr_cfg: retriever.RetrieverConfig,
+                  list_cfg: candidates.ListConfig, run_cfg: RunConfig) -> Regimes:
+    default, samplers = list_cfg.sampler, names(run_cfg.regime_samplers)
     lists_of, audits = {}, {}
-    for sampler in dict.fromkeys([default, *regime_samplers]):
+    for sampler in dict.fromkeys([default, *samplers]):
         cfg = dataclasses.replace(list_cfg, sampler=sampler)
         lists_of[sampler], audits[sampler] = audited_lists(dataset, retr, cfg)
-    lists = lists_of[default]
     if run_cfg.paper_protocol:
         paper_retr = retriever.fit_paper_retriever(dataset, retr_cfg)
         paper_cfg = dataclasses.replace(list_cfg, sampler="top")
         lists_of[PAPER], audits[PAPER] = audited_lists(dataset, paper_retr, paper_cfg, name=PAPER)
-    controlled: dict[str, float] = {}  # regime name -> gamma
-    for target in [float(a) for a in run_cfg.controlled_aucs.split(",") if a.strip()]:
+    controlled: dict[str, float] = {}
+    for target in [float(a) for a in names(run_cfg.controlled_aucs)]:
         name = f"controlled AUC {target:.2f} (sigma {run_cfg.controlled_sigma:g})"
-        lists_of[name], controlled[name] = candidates.controlled_lists(lists, target, run_cfg.controlled_sigma)
+        lists_of[name], controlled[name] = candidates.controlled_lists(lists_of[default], target,
+                                                                       run_cfg.controlled_sigma)
         audits[name] = audit.audit(lists_of[name], candidates.item_counts(dataset))
         print(f"{name}: gamma {controlled[name]:.3f}, list AUC train {audits[name].list_auc['train']:.2f}, "
               f"test {audits[name].list_auc['test']:.2f} (semi-synthetic)", flush=True)
-    # The paper's protocol and the controlled regimes run before the other samplers: they answer the first question.
-    paper = [PAPER] if run_cfg.paper_protocol else []
-    other_samplers = [s for s in regime_samplers if s != default]
+    return Regimes(default, lists_of, audits, controlled, [PAPER] if run_cfg.paper_protocol else [],
+                   [s for s in samplers if s != default])
 
+
+def train_regimes(pool: runner.Runner, regimes: Regimes, run_cfg: RunConfig, train_cfg: TrainConfig
+                  ) -> tuple[list[runner.Run], dict[str, list[runner.Run]]]:
+    """The main table's variants x seeds under the default sampler, then the key variants in every regime."""
+    variants, fixed_key = names(run_cfg.variants), names(run_cfg.regime_variants)
+    trained_variants = [v for v in variants if v != evaluate.RETRIEVER]
+    n_key = len([v for v in fixed_key if v != evaluate.RETRIEVER]) if fixed_key else evaluate.regime_count(variants)
+    key_runs = run_cfg.regime_seeds * len(regimes.paper + regimes.others) \
+        + run_cfg.controlled_seeds * len(regimes.controlled)
+    pool.plan(len(trained_variants) * run_cfg.seeds + n_key * key_runs)
+    runs = evaluate.run_variants(pool, regimes.default, variants, list(range(run_cfg.seeds)), train_cfg)
+    key = fixed_key or evaluate.regime_variants(runs)
+    by_regime = {regimes.default: [r for r in runs if r.variant in key]}
+    for regime in regimes.order:
+        seeds = run_cfg.controlled_seeds if regime in regimes.controlled else run_cfg.regime_seeds
+        if run_cfg.progress:
+            print(f"regime {regime}: {', '.join(key)} x {seeds} seeds", flush=True)
+        by_regime[regime] = evaluate.run_variants(pool, regime, key, list(range(seeds)), train_cfg)
+    return runs, by_regime
+
+
+def export_shipped(runs: list[runner.Run], dataset: data.Dataset, lists: dict[str, candidates.CandidateLists],
+                   info: dict[str, Any], regimes: Regimes, train_cfg: TrainConfig, run_cfg: RunConfig) -> None:
+    """Export the shipped variant's seed with the best validation N@6 (the choice never looks at test)."""
+    best = info["shipped_variant"]
+    run = max((r for r in runs if r.result is not None and r.variant == best), key=lambda r: r.valid["N@6"])
+    assert run.result is not None
+    version = run_cfg.version or f"{dataset.name}-{best}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"data": info["data"], "lists": info["lists"], "retriever": info["retriever"],
+              "reranker": dataclasses.asdict(dataclasses.replace(train_cfg, variant=best, seed=run.seed))}
+    verdict = regimes.audits[regimes.default]
+    offline = {"test": run.test, "valid": run.valid, "retriever_heldout_auc": info["retriever_heldout_auc"],
+               "audit": {"sampler": regimes.default, "verdict": verdict.verdict, "n6": verdict.n6}}
+    path = export.export(run.result.model, dataset, lists, run_cfg.out_models, version, config, offline,
+                         overwrite=run_cfg.overwrite)
+    manifest_parity = json.loads((path / "manifest.json").read_text())["parity"]
+    print(f"exported {path} (parity: max |diff| {manifest_parity['max_abs_diff']:.3g}, identical top-6 "
+          f"{manifest_parity['topk_identical']:.4f})", flush=True)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    data_cfg, list_cfg, run_cfg = from_args(DataConfig, args), from_args(candidates.ListConfig, args), \
+        from_args(RunConfig, args)
+    retr_cfg, train_cfg = from_args(retriever.RetrieverConfig, args, "mf_"), from_args(TrainConfig, args)
+    evaluate.check_variants(names(run_cfg.variants))
+    evaluate.check_variants(names(run_cfg.regime_variants))
+    for sampler in names(run_cfg.regime_samplers):
+        dataclasses.replace(list_cfg, sampler=sampler)  # refuses an unknown sampler before any training
+    dataset = load_dataset(data_cfg)
+    print(data.stats_table(dataset), flush=True)
+    retr = retriever.fit_retrievers(dataset, retr_cfg)
+    retr_auc = retriever.heldout_auc(dataset, retr.pre_valid)
+    print(f"retriever held-out AUC {retr_auc:.4f} ({retr_cfg.folds} out-of-fold MFs for the training lists)",
+          flush=True)
+    regimes = build_regimes(dataset, retr, retr_cfg, list_cfg, run_cfg)
+    default, lists = regimes.default, regimes.lists_of[regimes.default]
     jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
     cache = run_cache(run_cfg.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
-    with runner.Runner(dataset, lists_of, jobs, cache, run_cfg.progress) as pool:
-        trained_variants = [v for v in variants if v != evaluate.RETRIEVER]
-        n_key = len([v for v in fixed_key if v != evaluate.RETRIEVER]) if fixed_key else evaluate.regime_count(variants)
-        pool.plan(len(trained_variants) * run_cfg.seeds + n_key * (run_cfg.regime_seeds * len(paper + other_samplers)
-                                                                    + run_cfg.controlled_seeds * len(controlled)))
-        runs = evaluate.run_variants(pool, default, variants, list(range(run_cfg.seeds)), train_cfg)
-        key = fixed_key or evaluate.regime_variants(runs)
-        regimes = {default: [r for r in runs if r.variant in key]}
-        for regime in [*paper, *controlled, *other_samplers]:
-            seeds = run_cfg.controlled_seeds if regime in controlled else run_cfg.regime_seeds
-            if run_cfg.progress:
-                print(f"regime {regime}: {', '.join(key)} x {seeds} seeds", flush=True)
-            regimes[regime] = evaluate.run_variants(pool, regime, key, list(range(seeds)), train_cfg)
-    runs_cached, runs_trained = pool.cached, pool.trained
+    with runner.Runner(dataset, regimes.lists_of, jobs, cache, run_cfg.progress) as pool:
+        runs, by_regime = train_regimes(pool, regimes, run_cfg, train_cfg)
     info: dict[str, Any] = {
         "command": "python -m training " + shlex.join(sys.argv[1:]),
         "retriever_heldout_auc": retr_auc,
@@ -202,39 +250,26 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "retriever": dataclasses.asdict(retr_cfg),
         "reranker": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in {"variant", "seed"}},
         "jobs": jobs,
-        "runs_trained": runs_trained,
-        "runs_cached": runs_cached,
+        "runs_trained": pool.trained,
+        "runs_cached": pool.cached,
         "device": resolve_device(train_cfg.device),
-        "controlled": {name: {"gamma": gamma, "sigma": run_cfg.controlled_sigma} for name, gamma in controlled.items()},
+        "controlled": {name: {"gamma": gamma, "sigma": run_cfg.controlled_sigma}
+                       for name, gamma in regimes.controlled.items()},
     }
-    trained = [r for r in runs if r.result is not None]
+    trained = any(r.result is not None for r in runs)
     if trained:
         info["best_variant"] = evaluate.best_variant(runs)
         info["shipped_variant"], info["shipped_because"] = evaluate.shipped_variant(runs)
     info["wall_seconds"] = round(time.perf_counter() - t0)
     evaluate.save_runs(run_cfg.out_reports, dataset, lists, runs, info)
-    evaluate.save_audits(run_cfg.out_reports, dataset.name, audits, default)
-    evaluate.save_regimes(run_cfg.out_reports, dataset.name, regimes)
+    evaluate.save_audits(run_cfg.out_reports, dataset.name, regimes.audits, default)
+    evaluate.save_regimes(run_cfg.out_reports, dataset.name, by_regime)
     print(f"report: {report.write_report(run_cfg.out_reports, dataset.name)}", flush=True)
-    if not audits[default].valid:
-        print(f"{'!' * 100}\nTHE DEFAULT PROTOCOL IS INVALID (sampler {default}): {audits[default].verdict}\n"
+    if not regimes.audits[default].valid:
+        print(f"{'!' * 100}\nTHE DEFAULT PROTOCOL IS INVALID (sampler {default}): {regimes.audits[default].verdict}\n"
               f"{'!' * 100}", flush=True)
-
     if run_cfg.export and trained:
-        best = info["shipped_variant"]
-        # The best variant's seed with the best validation N@6 (the choice never looks at test).
-        run = max((r for r in trained if r.variant == best), key=lambda r: r.valid["N@6"])
-        assert run.result is not None
-        version = run_cfg.version or f"{dataset.name}-{best}-{time.strftime('%Y%m%d-%H%M%S')}"
-        config = {"data": info["data"], "lists": info["lists"], "retriever": info["retriever"],
-                  "reranker": dataclasses.asdict(dataclasses.replace(train_cfg, variant=best, seed=run.seed))}
-        offline = {"test": run.test, "valid": run.valid, "retriever_heldout_auc": retr_auc,
-                   "audit": {"sampler": default, "verdict": audits[default].verdict, "n6": audits[default].n6}}
-        path = export.export(run.result.model, dataset, lists, run_cfg.out_models, version, config, offline,
-                             overwrite=run_cfg.overwrite)
-        manifest_parity = json.loads((path / "manifest.json").read_text())["parity"]
-        print(f"exported {path} (parity: max |diff| {manifest_parity['max_abs_diff']:.3g}, identical top-6 "
-              f"{manifest_parity['topk_identical']:.4f})", flush=True)
+        export_shipped(runs, dataset, lists, info, regimes, train_cfg, run_cfg)
     print(f"pipeline wall time {time.perf_counter() - t0:.0f} s", flush=True)
 
 

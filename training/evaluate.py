@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from training.train import VARIANTS, TrainConfig
 
 RETRIEVER = "retriever"  # the retriever's own order, no reranking
 BASELINES = ("prm", "prm-concat", "prm-add", "prm-weight", "prm-residual", "prm-late")
-PATHWAYS = BASELINES[1:]  # the baselines that read the retriever score
+PATHWAY_VARIANTS = BASELINES[1:]  # the baselines that read the retriever score (model.PATHWAYS are their kinds)
 NOISE_BINS = 80
 # Per-epoch figures saved beside validation N@6: the losses, and the list AUC of x' (and of the real x) against z.
 EPOCH_KEYS = ["L_direct", "L_z", "L_adv", "L_x", "xprime_auc", "x_auc"]
@@ -67,11 +68,30 @@ def run_variants(runner: Runner, sampler: str, variants: list[str], seeds: list[
     return runs
 
 
+def valid_means(runs: list[Run]) -> dict[str, float]:
+    """Mean validation N@6 over seeds of each trained variant, in run order."""
+    return {v: float(np.mean([r.valid["N@6"] for r in runs if r.variant == v]))
+            for v in dict.fromkeys(r.variant for r in runs if r.variant != RETRIEVER)}
+
+
+def best_of(means: dict[str, float], among: Iterable[str] | None = None) -> str | None:
+    """The variant with the highest mean validation N@6 in ``means``, among ``among`` if given (run order breaks
+    ties); None when none of them ran. The report calls it on the saved runs, the pipeline on its own."""
+    names = [v for v in means if among is None or v in among]
+    return max(names, key=lambda v: means[v]) if names else None
+
+
+def is_dnr(variant: str) -> bool:
+    """A DNR variant: synthetic scores from a model-based generator."""
+    return variant in VARIANTS and VARIANTS[variant].generator
+
+
 def best_variant(runs: list[Run]) -> str:
     """The trained variant with the highest mean validation N@6 (never chosen on test)."""
-    means = {v: np.mean([r.valid["N@6"] for r in runs if r.variant == v])
-             for v in dict.fromkeys(r.variant for r in runs if r.variant != RETRIEVER)}
-    return max(means, key=lambda v: means[v])
+    best = best_of(valid_means(runs))
+    if best is None:
+        raise ValueError("no trained variant ran")
+    return best
 
 
 SHIP_P = 0.05  # a DNR variant ships only if it beats the best baseline on validation with a paired t-test p below it
@@ -85,11 +105,10 @@ def shipped_variant(runs: list[Run]) -> tuple[str, str]:
     best = best_variant(runs)
     if best not in VARIANTS or not VARIANTS[best].synthetic:
         return best, "the best variant on validation N@6"
-    baselines = [v for v in dict.fromkeys(r.variant for r in runs) if v in BASELINES]
-    if not baselines:
+    base = best_of(valid_means(runs), BASELINES)
+    if base is None:
         return best, "the best variant on validation N@6 (no baseline ran)"
-    valid = {v: {r.seed: r.valid["N@6"] for r in runs if r.variant == v} for v in [best, *baselines]}
-    base = max(baselines, key=lambda v: float(np.mean(list(valid[v].values()))))
+    valid = {v: {r.seed: r.valid["N@6"] for r in runs if r.variant == v} for v in (best, base)}
     seeds = sorted(set(valid[best]) & set(valid[base]))
     diffs = np.array([valid[best][s] - valid[base][s] for s in seeds])
     p = float(stats.ttest_rel([valid[best][s] for s in seeds], [valid[base][s] for s in seeds]).pvalue) \
@@ -104,16 +123,13 @@ def shipped_variant(runs: list[Run]) -> tuple[str, str]:
 
 def best_pathway(runs: list[Run]) -> str | None:
     """The score-pathway baseline with the highest mean validation N@6, if any ran."""
-    means = {v: np.mean([r.valid["N@6"] for r in runs if r.variant == v]) for v in PATHWAYS
-             if any(r.variant == v for r in runs)}
-    return max(means, key=lambda v: means[v]) if means else None
+    return best_of(valid_means(runs), PATHWAY_VARIANTS)
 
 
 def best_dnr(runs: list[Run]) -> str | None:
     """The DNR variant (a model-based generator) with the highest mean validation N@6, if any ran."""
-    means = {v: np.mean([r.valid["N@6"] for r in runs if r.variant == v])
-             for v in dict.fromkeys(r.variant for r in runs) if v in VARIANTS and VARIANTS[v].generator}
-    return max(means, key=lambda v: means[v]) if means else None
+    means = valid_means(runs)
+    return best_of(means, [v for v in means if is_dnr(v)])
 
 
 def regime_variants(runs: list[Run]) -> list[str]:
@@ -126,8 +142,7 @@ def regime_variants(runs: list[Run]) -> list[str]:
 
 def regime_count(variants: list[str]) -> int:
     """How many trained variants ``regime_variants`` will pick, known before anything trains."""
-    return (("prm" in variants) + any(v in PATHWAYS for v in variants)
-            + any(v in VARIANTS and VARIANTS[v].generator for v in variants))
+    return ("prm" in variants) + any(v in PATHWAY_VARIANTS for v in variants) + any(is_dnr(v) for v in variants)
 
 
 def _run_rows(runs: list[Run]) -> list[list[object]]:

@@ -98,7 +98,7 @@ def check_parity(model: Reranker, onnx_path: Path, lists: CandidateLists, k: int
 
 def load_reranker(folder: Path) -> Reranker:
     """The torch model of an exported version, from ``manifest.json`` and ``weights.npz`` (no pickle), in
-    eval mode. For offline use (fine-tuning, the naive baseline in ``loadtest/bench.py``); the service
+    eval mode. For offline use (fine-tuning, the naive baseline in ``loadtest/servers.py``); the service
     serves ``model.onnx``."""
     manifest = json.loads((folder / "manifest.json").read_text())
     with np.load(folder / manifest["weights"]["file"], allow_pickle=False) as npz:
@@ -138,6 +138,48 @@ def user_snapshot(dataset: Dataset) -> list[dict[str, Any]]:
     return rows
 
 
+def write_files(model: Reranker, dataset: Dataset, test: CandidateLists, folder: Path) -> None:
+    """The version's data files beside the graph: weights, item ids, the user-feature snapshot, and the held-out
+    requests with the offline top-k (the service's parity and replay input)."""
+    np.savez(folder / "weights.npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    (folder / "items.json").write_text(json.dumps(dataset.item_ids))
+    with open(folder / "user_features.jsonl", "w") as f:
+        for user in user_snapshot(dataset):
+            f.write(json.dumps(user) + "\n")
+    offline = metrics.topk_indices(predict(model, test), metrics.K, test.mask)
+    with open(folder / "heldout.jsonl", "w") as f:
+        for row in range(len(test)):
+            f.write(json.dumps(_request(dataset, test, row, offline[row])) + "\n")
+
+
+def manifest(model: Reranker, dataset: Dataset, test: CandidateLists, version: str, config: dict[str, Any],
+             offline_metrics: dict[str, Any], parity: Parity) -> Manifest:
+    """The version's manifest: the graph's contract, the vocabularies, and the records of how it was made."""
+    cfg = model.cfg
+    return Manifest(
+        version=version,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        graph=Graph("model.onnx", OPSET, [Tensor(n, d, list(s)) for n, d, s in INPUTS],
+                    [Tensor(n, d, list(s)) for n, d, s in OUTPUTS]),
+        max_candidates=cfg.max_candidates,
+        history_len=cfg.history_len,
+        score_range=(0.0, 1.0),
+        items=Items("items.json", len(dataset.item_ids), PAD, OOV, ITEM_OFFSET),
+        profile_fields=[ProfileField(f.name, list(f.vocab)) for f in dataset.user_fields],
+        records={
+            "dataset": dataset.name,
+            "user_features": {"file": "user_features.jsonl", "schema": FEATURES_SCHEMA,
+                              "count": len(dataset.user_ids)},
+            "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
+            "model_config": dataclasses.asdict(cfg),
+            "weights": {"file": "weights.npz", "format": "torch state_dict as numpy arrays; load_reranker()"},
+            "config": json.loads(json.dumps(config, default=str)),
+            "metrics": offline_metrics,
+            "parity": dataclasses.asdict(parity),
+        },
+    )
+
+
 def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], out_root: Path, version: str,
            config: dict[str, Any], offline_metrics: dict[str, Any], max_abs_diff: float = 1e-4,
            min_topk_identical: float = 0.99, overwrite: bool = False) -> Path:
@@ -163,39 +205,8 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
                               f"(limit {max_abs_diff:.3g}), identical top-{metrics.K} "
                               f"{parity.topk_identical:.4f} (limit {min_topk_identical})")
 
-        np.savez(tmp / "weights.npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
-        (tmp / "items.json").write_text(json.dumps(dataset.item_ids))
-        with open(tmp / "user_features.jsonl", "w") as f:
-            for user in user_snapshot(dataset):
-                f.write(json.dumps(user) + "\n")
-        offline = metrics.topk_indices(predict(model, test), metrics.K, test.mask)
-        with open(tmp / "heldout.jsonl", "w") as f:
-            for row in range(len(test)):
-                f.write(json.dumps(_request(dataset, test, row, offline[row])) + "\n")
-
-        cfg = model.cfg
-        Manifest(
-            version=version,
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            graph=Graph("model.onnx", OPSET, [Tensor(n, d, list(s)) for n, d, s in INPUTS],
-                        [Tensor(n, d, list(s)) for n, d, s in OUTPUTS]),
-            max_candidates=cfg.max_candidates,
-            history_len=cfg.history_len,
-            score_range=(0.0, 1.0),
-            items=Items("items.json", len(dataset.item_ids), PAD, OOV, ITEM_OFFSET),
-            profile_fields=[ProfileField(f.name, list(f.vocab)) for f in dataset.user_fields],
-            records={
-                "dataset": dataset.name,
-                "user_features": {"file": "user_features.jsonl", "schema": FEATURES_SCHEMA,
-                                  "count": len(dataset.user_ids)},
-                "heldout": {"file": "heldout.jsonl", "count": len(test), "k": metrics.K},
-                "model_config": dataclasses.asdict(cfg),
-                "weights": {"file": "weights.npz", "format": "torch state_dict as numpy arrays; load_reranker()"},
-                "config": json.loads(json.dumps(config, default=str)),
-                "metrics": offline_metrics,
-                "parity": dataclasses.asdict(parity),
-            },
-        ).write(tmp)
+        write_files(model, dataset, test, tmp)
+        manifest(model, dataset, test, version, config, offline_metrics, parity).write(tmp)
         try:  # the service's own loader is the judge of the contract
             RerankModel(tmp, providers="cpu")
         except ModelError as exc:

@@ -8,6 +8,7 @@ into tensors, prediction, reproducibility. Does not know: data files, the retrie
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -256,12 +257,40 @@ def seed_everything(seed: int, threads: int, device: str = "cpu") -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
 
 
-def to_tensors(lists: CandidateLists, rows: np.ndarray | slice | None = None, device: str = "cpu"
-               ) -> dict[str, torch.Tensor]:
-    """The model's inputs (and labels) for ``rows`` of ``lists``, on ``device``."""
-    sub = lists if rows is None else lists.subset(rows)
-    return {name: torch.from_numpy(getattr(sub, name)).to(device)
-            for name in ("items", "scores", "mask", "history", "profile", "labels")}
+@dataclass(frozen=True)
+class Batch:
+    """Candidate lists as tensors on one device: the model's inputs in its argument order, and the labels z."""
+
+    items: torch.Tensor  # (B, L)
+    scores: torch.Tensor  # (B, L) the retriever's scores
+    mask: torch.Tensor  # (B, L) real candidates
+    history: torch.Tensor  # (B, H)
+    profile: torch.Tensor  # (B, F)
+    labels: torch.Tensor  # (B, L)
+
+    @classmethod
+    def of(cls, lists: CandidateLists, rows: np.ndarray | slice | None = None, device: str = "cpu") -> Batch:
+        """``rows`` of ``lists`` (all of them when None) on ``device``."""
+        sub = lists if rows is None else lists.subset(rows)
+        return cls(*(torch.from_numpy(getattr(sub, f.name)).to(device) for f in dataclasses.fields(cls)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return list_positions(len(self.items), self.items.shape[1], self.items.device)
+
+    def logits(self, model: Reranker, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) logits of ``model`` on these lists, reading ``scores`` in place of the real ones when given
+        (positions stay the real retriever order)."""
+        return model(self.items, self.scores if scores is None else scores, self.mask, self.history, self.profile,
+                     self.positions)
+
+    def encode(self, model: Reranker) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``model``'s candidate encoding of these lists with the user state and candidate embeddings it read."""
+        return model.encode_with_state(self.items, self.scores, self.mask, self.history, self.profile,
+                                       self.positions)
 
 
 def build_model(dataset: Dataset, cfg: TrainConfig, n_candidates: int) -> Reranker:
@@ -307,19 +336,17 @@ def predict(model: Reranker, lists: CandidateLists, batch_size: int = 1024) -> n
     device = model_device(model)
     out = []
     for start in range(0, len(lists), batch_size):
-        t = to_tensors(lists, slice(start, start + batch_size), device)
-        positions = list_positions(len(t["items"]), t["items"].shape[1], device)
-        out.append(model(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions).cpu().numpy())
+        out.append(Batch.of(lists, slice(start, start + batch_size), device).logits(model).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, lists.items.shape[1]), dtype=np.float32)
 
 
-def model_noise(model: Reranker, gen: generator.NoiseGenerator, t: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_noise(model: Reranker, gen: generator.NoiseGenerator, t: Batch) -> torch.Tensor:
     """eps from the model-based generator, conditioned on the reranker's (detached) user state and candidates."""
     with torch.no_grad():
         table = model.item_table()
-        user = model.user_state(table, t["history"], t["profile"])
-        candidates = table[t["items"]]
-    return gen(user, candidates, t["labels"])
+        user = model.user_state(table, t.history, t.profile)
+        candidates = table[t.items]
+    return gen(user, candidates, t.labels)
 
 
 @dataclass
@@ -331,7 +358,7 @@ class Encoding:
     candidates: torch.Tensor  # (B, L, D)
 
 
-def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torch.Tensor],
+def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: Batch,
                   synthetic: torch.Tensor | None, cfg: TrainConfig, gen: generator.NoiseGenerator | None = None
                   ) -> tuple[dict[str, float], Encoding]:
     """One step of L_theta = L_direct (BCE on the real scores) + lambda_m L_z (BCE on the synthetic scores x').
@@ -341,21 +368,19 @@ def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torc
     On a late pathway one encoder pass serves the real and the synthetic scores; on an early one the synthetic
     scores take a second pass. Returns the losses and the step's (detached) encoding.
     """
-    positions = list_positions(len(t["items"]), t["items"].shape[1], t["items"].device)
-    h, user, candidates = model.encode_with_state(t["items"], t["scores"], t["mask"], t["history"], t["profile"],
-                                                  positions)
-    logits = model.score_logits(h, t["scores"], t["mask"])
-    direct = masked_bce(logits, t["labels"], t["mask"])
+    h, user, candidates = t.encode(model)
+    logits = model.score_logits(h, t.scores, t.mask)
+    direct = masked_bce(logits, t.labels, t.mask)
     loss, out = direct, {"L_direct": direct.item()}
     if synthetic is None and gen is not None:
         with torch.no_grad():
-            synthetic = generator.synthetic_scores(t["labels"], gen(user, candidates, t["labels"]), cfg.gen_lambda_c)
+            synthetic = generator.synthetic_scores(t.labels, gen(user, candidates, t.labels), cfg.gen_lambda_c)
     if synthetic is not None:
         synthetic = synthetic.detach()
         # Positions stay the real retriever order: the synthetic scores replace the score pathway's input only.
-        logits_z = (model.score_logits(h, synthetic, t["mask"], drop=False) if model.late_score else
-                    model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions))
-        l_z = masked_bce(logits_z, t["labels"], t["mask"])
+        logits_z = (model.score_logits(h, synthetic, t.mask, drop=False) if model.late_score else
+                    t.logits(model, synthetic))
+        l_z = masked_bce(logits_z, t.labels, t.mask)
         loss = direct + cfg.lambda_m * l_z
         out["L_z"] = l_z.item()
     opt.zero_grad()
@@ -364,27 +389,26 @@ def reranker_step(model: Reranker, opt: torch.optim.Optimizer, t: dict[str, torc
     return out, Encoding(h.detach(), user.detach(), candidates.detach())
 
 
-def feature_range(model: Reranker) -> tuple[float, float]:
+def feature_range(score_input: str) -> tuple[float, float]:
     """The span of the score feature L_x's histograms cover: the standardised logit's bulk, or [0, 1]."""
-    return (-4.0, 4.0) if model.cfg.score_input == "list" else (0.0, 1.0)
+    return (-4.0, 4.0) if score_input == "list" else (0.0, 1.0)
 
 
-def distribution_term(model: Reranker, synthetic: torch.Tensor, t: dict[str, torch.Tensor], cfg: TrainConfig
-                      ) -> torch.Tensor:
+def distribution_term(model: Reranker, synthetic: torch.Tensor, t: Batch, cfg: TrainConfig) -> torch.Tensor:
     """L_x on what the reranker reads: the score feature of x' against that of the real scores, over the
     batch's real candidates (``lx_conditional``: per label, summed)."""
-    mask = t["mask"]
-    fake, real = model.score_input(synthetic, mask), model.score_input(t["scores"], mask)
-    lo, hi = feature_range(model)
+    mask = t.mask
+    fake, real = model.score_input(synthetic, mask), model.score_input(t.scores, mask)
+    lo, hi = feature_range(model.cfg.score_input)
     if not cfg.lx_conditional:
         return generator.distribution_loss(fake, real, mask, cfg.lx_estimator, lo=lo, hi=hi)
     terms = [generator.distribution_loss(fake, real, part, cfg.lx_estimator, lo=lo, hi=hi)
-             for part in (mask & (t["labels"] > 0), mask & (t["labels"] == 0)) if part.any()]
+             for part in (mask & (t.labels > 0), mask & (t.labels == 0)) if part.any()]
     return torch.stack(terms).sum()
 
 
 def generator_step(model: Reranker, gen: generator.NoiseGenerator, opt: torch.optim.Optimizer,
-                   t: dict[str, torch.Tensor], cfg: TrainConfig, calibration: generator.Calibration | None = None,
+                   t: Batch, cfg: TrainConfig, calibration: generator.Calibration | None = None,
                    encoding: Encoding | None = None, adversarial: bool = True) -> dict[str, float]:
     """One step of the generator's loss L_adv + lambda_x L_x against the frozen reranker (Algorithm 1, line 6):
     only the generator's parameters move.
@@ -399,27 +423,24 @@ def generator_step(model: Reranker, gen: generator.NoiseGenerator, opt: torch.op
     model.eval()
     model.requires_grad_(False)
     try:
-        device = t["items"].device
-        positions = list_positions(len(t["items"]), t["items"].shape[1], device)
         h = None
         if adversarial or encoding is None:
             with torch.no_grad():
-                h, user, candidates = model.encode_with_state(t["items"], t["scores"], t["mask"], t["history"],
-                                                              t["profile"], positions)
+                h, user, candidates = t.encode(model)
         else:
             user, candidates = encoding.user, encoding.candidates
-        synthetic = generator.synthetic_scores(t["labels"], gen(user, candidates, t["labels"]), cfg.gen_lambda_c)
-        loss = torch.zeros((), device=device)
+        synthetic = generator.synthetic_scores(t.labels, gen(user, candidates, t.labels), cfg.gen_lambda_c)
+        loss = torch.zeros((), device=t.items.device)
         out: dict[str, float] = {}
         if spec.adv and adversarial:
             if model.late_score:
                 assert h is not None
-                logits = model.score_logits(h, synthetic, t["mask"], drop=False)
+                logits = model.score_logits(h, synthetic, t.mask, drop=False)
             else:
-                logits = model(t["items"], synthetic, t["mask"], t["history"], t["profile"], positions)
-            true_logits = (calibration.logits(model.score_input(synthetic, t["mask"]))
+                logits = t.logits(model, synthetic)
+            true_logits = (calibration.logits(model.score_input(synthetic, t.mask))
                            if spec.calibrated and calibration is not None else None)
-            l_adv = generator.adversarial_loss(logits, t["labels"], t["mask"], true_logits)
+            l_adv = generator.adversarial_loss(logits, t.labels, t.mask, true_logits)
             loss = loss + l_adv
             out["L_adv"] = l_adv.item()
         if spec.lx:
@@ -451,18 +472,97 @@ def sample_synthetic(model: Reranker, noise: generator.HeuristicNoise, gen: gene
     device = model_device(model)
     out = []
     for start in range(0, len(lists), batch_size):
-        t = to_tensors(lists, slice(start, start + batch_size), device)
+        t = Batch.of(lists, slice(start, start + batch_size), device)
         if gen is None:
-            x = noise.synthetic(t["labels"], cfg.lambda_c)
+            x = noise.synthetic(t.labels, cfg.lambda_c)
         else:
-            x = generator.synthetic_scores(t["labels"], model_noise(model, gen, t), cfg.gen_lambda_c)
-        out.append((x * t["mask"]).cpu().numpy())
+            x = generator.synthetic_scores(t.labels, model_noise(model, gen, t), cfg.gen_lambda_c)
+        out.append((x * t.mask).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, lists.items.shape[1]), dtype=np.float32)
 
 
 def list_auc(scores: np.ndarray, lists: CandidateLists) -> float:
     """Mean list AUC (%) of ``scores`` against the labels z of ``lists``."""
     return metrics.evaluate(scores, lists.labels, lists.mask)["AUC"]
+
+
+@dataclass
+class Best:
+    """The epoch with the best validation N@6 so far, with a copy of the weights it had."""
+
+    n6: float
+    epoch: int
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, model: Reranker, epoch: int, valid_metrics: dict[str, float]) -> Best:
+        return cls(valid_metrics["N@6"], epoch, copy.deepcopy(model.state_dict()), valid_metrics)
+
+
+@dataclass
+class Fit:
+    """What one training run moves: the reranker and its optimiser, and for synthetic variants the noise, the
+    generator and its optimiser, and p(z | x) of the real scores (Eq. 5)."""
+
+    cfg: TrainConfig
+    lists: CandidateLists  # the training lists
+    device: str
+    model: Reranker
+    opt: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    noise: generator.HeuristicNoise | None
+    gen: generator.NoiseGenerator | None
+    gen_opt: torch.optim.Optimizer | None
+    calibration: generator.Calibration | None
+    order: torch.Generator  # draws each epoch's order of the training lists
+
+    @classmethod
+    def start(cls, dataset: Dataset, train_lists: CandidateLists, cfg: TrainConfig) -> Fit:
+        """Seeded, then built in a fixed order, so the same config gives the same run."""
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed, cfg.threads, device)
+        model = build_model(dataset, cfg, train_lists.items.shape[1]).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train_lists) / cfg.batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+        noise = cfg.noise(train_lists)
+        gen = (generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden, conditioned=cfg.gen_condition).to(device)
+               if cfg.spec.generator else None)
+        gen_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr) if gen is not None else None
+        calibration = fit_calibration(model, train_lists) if gen is not None else None
+        return cls(cfg, train_lists, device, model, opt, schedule, noise, gen, gen_opt, calibration,
+                   torch.Generator().manual_seed(cfg.seed))
+
+    def epoch(self, use_model: bool) -> dict[str, float]:
+        """One pass over the training lists in a fresh order (Algorithm 1: a reranker step per batch and, every
+        ``gen_every`` steps, a generator step); the mean of each loss over the steps that computed it."""
+        cfg, spec = self.cfg, self.cfg.spec
+        self.model.train()
+        perm = torch.randperm(len(self.lists), generator=self.order).numpy()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for step, start in enumerate(range(0, len(perm), cfg.batch_size)):
+            t = Batch.of(self.lists, perm[start : start + cfg.batch_size], self.device)
+            synthetic = self.noise.synthetic(t.labels, cfg.lambda_c) if self.noise is not None and not use_model \
+                else None
+            logs, encoding = reranker_step(self.model, self.opt, t, synthetic, cfg, self.gen if use_model else None)
+            self.schedule.step()
+            if self.gen is not None and self.gen_opt is not None and step % cfg.gen_every == 0 and (
+                    use_model or (cfg.gen_warmup and spec.lx)):
+                logs |= generator_step(self.model, self.gen, self.gen_opt, t, cfg, self.calibration, encoding,
+                                       adversarial=use_model)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def noise_auc(self, valid: CandidateLists, use_model: bool, real_auc: float | None) -> dict[str, float]:
+        """Synthetic variants: the list AUC of x' (as this epoch made it) against z beside the real scores'."""
+        if self.noise is None or real_auc is None:
+            return {}
+        x = sample_synthetic(self.model, self.noise, self.gen if use_model else None, valid, self.cfg)
+        return {"xprime_auc": list_auc(x, valid), "x_auc": real_auc}
 
 
 def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -475,71 +575,43 @@ def train(dataset: Dataset, lists: dict[str, CandidateLists], cfg: TrainConfig, 
     trained for ``patience`` epochs. Synthetic variants log, per epoch, the list AUC of x' against z on the
     validation lists beside that of the real scores.
     """
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed, cfg.threads, device)
-    train_lists, valid = lists["train"], lists["valid"]
-    n_candidates = train_lists.items.shape[1]
-    model = build_model(dataset, cfg, n_candidates).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_lists) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
-    spec, noise = cfg.spec, cfg.noise(train_lists)
-    gen = (generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden, conditioned=cfg.gen_condition).to(device)
-           if spec.generator else None)
-    gen_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr) if gen is not None else None
-    calibration = fit_calibration(model, train_lists) if gen is not None else None
-    switch = cfg.switch_epoch
-    min_epochs = switch + cfg.patience if gen is not None else 0
-    perm_gen = torch.Generator().manual_seed(cfg.seed)
-    real_auc = list_auc(valid.scores, valid) if noise is not None else None
+    fit = Fit.start(dataset, lists["train"], cfg)
+    valid, switch = lists["valid"], cfg.switch_epoch
+    min_epochs = switch + cfg.patience if fit.gen is not None else 0
+    real_auc = list_auc(valid.scores, valid) if fit.noise is not None else None
     # Epoch 0, the untrained model, competes too: a residual model that learns nothing useful on validation
     # stays the retriever order instead of shipping an epoch that is worse than it.
-    init_metrics = metrics.evaluate(predict(model, valid), valid.labels, valid.mask)
-    best = (init_metrics["N@6"], 0, copy.deepcopy(model.state_dict()), init_metrics)
+    best = Best.of(fit.model, 0, metrics.evaluate(predict(fit.model, valid), valid.labels, valid.mask))
     epochs: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"{cfg.variant} seed {cfg.seed}", leave=False, disable=not progress)
     for epoch in bar:
-        model.train()
+        use_model = fit.gen is not None and epoch > switch
         t0 = time.perf_counter()
-        perm = torch.randperm(len(train_lists), generator=perm_gen).numpy()
-        use_model = gen is not None and epoch > switch
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for step, start in enumerate(range(0, len(perm), cfg.batch_size)):
-            t = to_tensors(train_lists, perm[start : start + cfg.batch_size], device)
-            synthetic = noise.synthetic(t["labels"], cfg.lambda_c) if noise is not None and not use_model else None
-            logs, encoding = reranker_step(model, opt, t, synthetic, cfg, gen if use_model else None)
-            schedule.step()
-            if gen is not None and gen_opt is not None and step % cfg.gen_every == 0 and (
-                    use_model or (cfg.gen_warmup and spec.lx)):
-                logs |= generator_step(model, gen, gen_opt, t, cfg, calibration, encoding, adversarial=use_model)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
+        losses = fit.epoch(use_model)
         seconds = time.perf_counter() - t0
-        scores = predict(model, valid)
-        valid_metrics = metrics.evaluate(scores, valid.labels, valid.mask)
-        losses = {k: sums[k] / counts[k] for k in sums}
-        diagnostics: dict[str, float] = {}
-        if noise is not None and real_auc is not None:
-            x = sample_synthetic(model, noise, gen if use_model else None, valid, cfg)
-            diagnostics = {"xprime_auc": list_auc(x, valid), "x_auc": real_auc}
+        valid_metrics = metrics.evaluate(predict(fit.model, valid), valid.labels, valid.mask)
         epochs.append({"epoch": epoch, "loss": losses["L_direct"], "seconds": seconds,
-                       "lr": opt.param_groups[0]["lr"], **losses, **diagnostics,
+                       "lr": fit.opt.param_groups[0]["lr"], **losses, **fit.noise_auc(valid, use_model, real_auc),
                        **{f"valid_{k}": v for k, v in valid_metrics.items()}})
         bar.set_postfix(loss=f"{losses['L_direct']:.4f}", n6=f"{valid_metrics['N@6']:.2f}")
-        if valid_metrics["N@6"] > best[0]:
-            best = (valid_metrics["N@6"], epoch, copy.deepcopy(model.state_dict()), valid_metrics)
-        elif epoch - best[1] >= cfg.patience and epoch >= min_epochs:
+        if valid_metrics["N@6"] > best.n6:
+            best = Best.of(fit.model, epoch, valid_metrics)
+        elif epoch - best.epoch >= cfg.patience and epoch >= min_epochs:
             break
-    synthetic_z = None
-    final_synthetic = None
-    if noise is not None:
-        x = sample_synthetic(model, noise, gen if gen is not None and cfg.epochs > switch else None, valid, cfg)
+    return finish(fit, best, epochs, valid)
+
+
+def finish(fit: Fit, best: Best, epochs: list[dict[str, float]], valid: CandidateLists) -> TrainResult:
+    """The result: the best epoch's weights on the CPU in eval mode, and x' on the validation lists as the last
+    epoch's noise made it (the noise plot)."""
+    synthetic_z = final_synthetic = None
+    if fit.noise is not None:
+        last_gen = fit.gen if fit.gen is not None and fit.cfg.epochs > fit.cfg.switch_epoch else None
+        x = sample_synthetic(fit.model, fit.noise, last_gen, valid, fit.cfg)
         final_synthetic, synthetic_z = x[valid.mask], valid.labels[valid.mask]
-    model.load_state_dict(best[2])
-    model.eval()
-    model.cpu()
-    if gen is not None:
-        gen.cpu()
-    return TrainResult(model, best[1], best[3], epochs, gen, final_synthetic, synthetic_z, device)
+    fit.model.load_state_dict(best.state)
+    fit.model.eval()
+    fit.model.cpu()
+    if fit.gen is not None:
+        fit.gen.cpu()
+    return TrainResult(fit.model, best.epoch, best.metrics, epochs, fit.gen, final_synthetic, synthetic_z, fit.device)

@@ -12,17 +12,16 @@ from tests.training.fixtures import Tiny
 from training import generator, metrics
 from training.train import (
     VARIANTS,
+    Batch,
     TrainConfig,
     build_model,
     fit_calibration,
     generator_step,
-    list_positions,
     masked_bce,
     model_noise,
     predict,
     reranker_step,
     seed_everything,
-    to_tensors,
     train,
 )
 
@@ -112,7 +111,7 @@ class Parts:
     cfg: TrainConfig
     model: torch.nn.Module
     gen: generator.NoiseGenerator
-    batch: dict[str, torch.Tensor]
+    batch: Batch
 
 
 @pytest.fixture
@@ -122,7 +121,7 @@ def parts(tiny: Tiny) -> Parts:
     model = build_model(tiny.dataset, cfg, tiny.lists["train"].items.shape[1])
     model.train()
     gen = generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden)
-    return Parts(cfg, model, gen, to_tensors(tiny.lists["train"], np.arange(64)))
+    return Parts(cfg, model, gen, Batch.of(tiny.lists["train"], np.arange(64)))
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -164,7 +163,6 @@ def test_generator_step_moves_no_reranker_parameter(parts: Parts, variant: str) 
 
 def test_each_loss_has_gradients_exactly_where_intended(parts: Parts) -> None:
     t, cfg = parts.batch, parts.cfg
-    positions = list_positions(len(t["items"]), t["items"].shape[1])
 
     def grads(loss: torch.Tensor) -> tuple[bool, bool]:
         parts.model.zero_grad()
@@ -175,22 +173,22 @@ def test_each_loss_has_gradients_exactly_where_intended(parts: Parts) -> None:
                for m in (parts.model, parts.gen)]
         return has[0], has[1]
 
-    direct = masked_bce(parts.model(t["items"], t["scores"], t["mask"], t["history"], t["profile"], positions),
-                        t["labels"], t["mask"])
+    direct = masked_bce(t.logits(parts.model),
+                        t.labels, t.mask)
     assert grads(direct) == (True, False)
-    x_syn = generator.synthetic_scores(t["labels"], model_noise(parts.model, parts.gen, t).detach(), cfg.lambda_c)
-    l_z = masked_bce(parts.model(t["items"], x_syn, t["mask"], t["history"], t["profile"], positions),
-                     t["labels"], t["mask"])
+    x_syn = generator.synthetic_scores(t.labels, model_noise(parts.model, parts.gen, t).detach(), cfg.lambda_c)
+    l_z = masked_bce(t.logits(parts.model, x_syn),
+                     t.labels, t.mask)
     assert grads(l_z) == (True, False)
     parts.model.requires_grad_(False)
-    x_gen = generator.synthetic_scores(t["labels"], model_noise(parts.model, parts.gen, t), cfg.lambda_c)
+    x_gen = generator.synthetic_scores(t.labels, model_noise(parts.model, parts.gen, t), cfg.lambda_c)
     l_adv = generator.adversarial_loss(
-        parts.model(t["items"], x_gen, t["mask"], t["history"], t["profile"], positions), t["labels"], t["mask"])
+        t.logits(parts.model, x_gen), t.labels, t.mask)
     assert float(l_adv.detach()) < 0.0
     assert grads(l_adv) == (False, True)
     for estimator in generator.LX_ESTIMATORS:
-        x_gen = generator.synthetic_scores(t["labels"], model_noise(parts.model, parts.gen, t), cfg.lambda_c)
-        assert grads(generator.distribution_loss(x_gen, t["scores"], t["mask"], estimator)) == (False, True)
+        x_gen = generator.synthetic_scores(t.labels, model_noise(parts.model, parts.gen, t), cfg.lambda_c)
+        assert grads(generator.distribution_loss(x_gen, t.scores, t.mask, estimator)) == (False, True)
     parts.model.requires_grad_(True)
 
 
@@ -227,7 +225,7 @@ def test_late_pathway_steps_share_one_encoder_pass_and_the_generator_faces_the_e
     seed_everything(0, 1)
     model = build_model(tiny.dataset, cfg, tiny.lists["train"].items.shape[1]).train()
     gen = generator.NoiseGenerator(cfg.hidden, cfg.gen_hidden)
-    batch = to_tensors(tiny.lists["train"], np.arange(64))
+    batch = Batch.of(tiny.lists["train"], np.arange(64))
     passes: list[tuple[bool, bool]] = []  # one entry per encoder pass: (built a graph, in training mode)
     encode = model.encode_with_state
     monkeypatch.setattr(model, "encode_with_state",
@@ -237,7 +235,7 @@ def test_late_pathway_steps_share_one_encoder_pass_and_the_generator_faces_the_e
     logs, encoding = reranker_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, None, cfg, gen)
     assert passes == [(True, True)] and set(logs) == {"L_direct", "L_z"}
     assert changed(rer, model) and not changed(gens, gen)
-    assert not encoding.h.requires_grad and encoding.h.shape == (64, batch["items"].shape[1], cfg.hidden)
+    assert not encoding.h.requires_grad and encoding.h.shape == (64, batch.items.shape[1], cfg.hidden)
     # Warm-up (before lambda_e): L_x alone, from the step's encoding, with no reranker pass at all.
     rer = snapshot(model)
     calibration = fit_calibration(model, tiny.lists["train"])
