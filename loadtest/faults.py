@@ -17,9 +17,9 @@ Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during
     sigterm     SIGTERM under load: /readyz red first, every request answered, clean exit
     hostile     schemathesis on the service's own OpenAPI, plus hand-made hostile bodies: never a 5xx, memory bounded
 
-The load generator (``python -m loadtest.faults load``) is its own process: raw keep-alive HTTP/1.1 connections,
-closed loop (``--rate 0``) or open loop at a fixed rate, one record per request (send time on the shared
-monotonic clock, latency, status, fallback, Retry-After), written as JSON when it stops (SIGINT/SIGTERM or time).
+The load is the load client (``loadtest/client.py``) in its own process: keep-alive HTTP/1.1 connections, closed
+loop or open loop at a fixed rate, one record per request (send time on the shared monotonic clock, latency, status,
+fallback, Retry-After). The report is written by ``faults_report.py``.
 """
 
 from __future__ import annotations
@@ -27,187 +27,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvloop
 
-from loadtest.procs import DelayProxy, RedisServer, ServiceProcess, pinned, rss_mb
-from loadtest.workload import newest_heldout
+from loadtest.client import ADMIN_TOKEN, Load, Record, get, post, send
+from loadtest.faults_report import write_report
+from loadtest.heldout import newest_heldout
+from loadtest.procs import DelayProxy, RedisServer, ServiceProcess, load_features, rss_mb
+from loadtest.scrape import Sampler, metric
 from service.config import usable_cores
-
-ADMIN_TOKEN = "faults-admin-token"
-
-
-# ---- the load process ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    sent: float  # time.monotonic() when the request was written (system-wide clock, comparable across processes)
-    latency_s: float
-    status: int  # 0: connection error or client timeout
-    fallback: bool
-    retry_after: bool
-
-
-async def _load(url: str, bodies: list[bytes], connections: int, rate: float, duration_s: float,
-                stop: asyncio.Event) -> list[Record]:
-    host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
-    records: list[Record] = []
-    t0 = time.monotonic()
-    until = t0 + duration_s
-    counter = iter(range(1 << 62))
-
-    async def worker() -> None:
-        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while not stop.is_set():
-            i = next(counter)
-            due = t0 + i / rate if rate > 0 else time.monotonic()
-            if due >= until:
-                break
-            if due > time.monotonic():
-                await asyncio.sleep(due - time.monotonic())
-            body = bodies[i % len(bodies)]
-            sent = time.monotonic()
-            try:
-                if conn is None:
-                    conn = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
-                    sent = time.monotonic()  # a request's latency is from its write: not the connection's set-up
-                reader, writer = conn
-                writer.write(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
-                payload = await asyncio.wait_for(reader.readexactly(length), 10)
-                records.append(Record(sent, time.monotonic() - sent, int(head[9:12]), b'"fallback":true' in payload,
-                                      b"retry-after:" in head.lower()))
-                if b"connection: close" in head.lower():
-                    writer.close()
-                    conn = None
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                records.append(Record(sent, time.monotonic() - sent, 0, False, False))
-                if conn is not None:
-                    conn[1].close()
-                conn = None
-                await asyncio.sleep(0.01)
-        if conn is not None:
-            conn[1].close()
-
-    await asyncio.gather(*(worker() for _ in range(connections)))
-    return records
-
-
-def load_main(args: argparse.Namespace) -> None:
-    bodies = [json.dumps(json.loads(line)["request"]).encode()
-              for line in newest_heldout(args.models).read_text().splitlines()]
-
-    async def run() -> list[Record]:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await _load(args.url, bodies, args.connections, args.rate, args.duration, stop)
-
-    # No cyclic GC: the records are acyclic, and a gen-2 pass over 100k of them stalls the loop for tens of
-    # milliseconds, which would show up as the service's latency.
-    gc.disable()
-    # uvloop: the generator shares this machine's cores with the service, so it should take as little as it can.
-    records = uvloop.run(run())
-    args.out.write_text(json.dumps([[r.sent, r.latency_s, r.status, r.fallback, r.retry_after] for r in records]))
-
-
-class Load:
-    """The load process, started now; ``stop()`` ends it and returns its records."""
-
-    def __init__(self, url: str, models: Path, connections: int = 4, rate: float = 0.0, duration_s: float = 600.0,
-                 cpus: set[int] | None = None) -> None:
-        self.out = Path(tempfile.mkstemp(suffix=".json")[1])
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtest.faults", "load", "--url",
-                                      url, "--models", str(models), "--connections", str(connections), "--rate",
-                                      str(rate), "--duration", str(duration_s), "--out", str(self.out)],
-                                     preexec_fn=pinned(cpus))
-        self.started = time.monotonic()
-
-    def stop(self, timeout_s: float = 30, wait_s: float = 0.0) -> list[Record]:
-        """Records so far; ``wait_s`` > 0 first lets it run to its own duration (at most that long)."""
-        if wait_s > 0:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(wait_s)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout_s)
-        rows = json.loads(self.out.read_text() or "[]")
-        self.out.unlink()
-        return [Record(float(a), float(b), int(c), bool(d), bool(e)) for a, b, c, d, e in rows]
-
-
-# ---- observing the service ---------------------------------------------------------------------------------
-
-
-def get(url: str, timeout: float = 2) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            text = r.read().decode()
-            return r.status, json.loads(text) if text.startswith("{") else text
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read().decode() or "{}")
-
-
-def post(url: str, token: str = ADMIN_TOKEN, timeout: float = 120) -> tuple[int, Any]:
-    req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read().decode())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read().decode() or "{}")
-
-
-def metric(url: str, name: str) -> float:
-    """Sum of every sample of ``name`` (all label sets) in one /metrics scrape."""
-    _, text = get(f"{url}/metrics")
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
-
-
-class Sampler:
-    """Scrapes one metric every ``every_s`` in a thread: (time, value) pairs."""
-
-    def __init__(self, url: str, name: str, every_s: float = 0.1) -> None:
-        self.url, self.name, self.every_s = url, name, every_s
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, ValueError):
-                self.samples.append((time.monotonic(), metric(self.url, self.name)))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
 
 # ---- results ----------------------------------------------------------------------------------------------
 
@@ -266,17 +109,10 @@ def _redis_env(redis: RedisServer) -> dict[str, str]:
             "RERANK_BREAKER_RESET_S": "1", "RERANK_REDIS_TIMEOUT_MS": "20"}
 
 
-def _load_features(redis_url: str, env: Env) -> None:
-    subprocess.run([sys.executable, "-m", "service", "load-features"], check=True, stdout=subprocess.DEVNULL,
-                   env={**env.service_env(), "RERANK_REDIS_URL": redis_url})
-
-
 REDIS_PASSWORD = "faults-redis-password"  # every scenario's Redis requires it: AUTH travels in the URL
 
 
 def redis_dbsize(redis: RedisServer) -> int:
-    import socket
-
     with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
         s.sendall(f"AUTH {redis.password}\r\nDBSIZE\r\n".encode())
         reply = b""
@@ -290,7 +126,7 @@ def redis_kill(env: Env) -> Result:
     res = Result("redis_kill")
     redis = RedisServer(env.work, REDIS_PASSWORD)
     redis.start()
-    _load_features(redis.url, env)
+    load_features(redis.url, env.service_env())
     try:
         with ServiceProcess(env.service_env(**_redis_env(redis)), env.work / "redis_kill.log") as svc, \
                 Sampler(svc.url, "rerank_redis_breaker_open") as breaker:
@@ -323,7 +159,7 @@ def slow_redis(env: Env) -> Result:
     res = Result("slow_redis")
     redis = RedisServer(env.work, REDIS_PASSWORD)
     redis.start()
-    _load_features(redis.url, env)
+    load_features(redis.url, env.service_env())
     try:
         with DelayProxy(redis.port) as proxy:
             settings = _redis_env(redis) | {"RERANK_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{proxy.port}/0"}
@@ -367,65 +203,29 @@ def pinning() -> tuple[set[int], set[int]] | None:
     return ({cores[-1]}, {cores[-2]}) if len(cores) >= 2 else None
 
 
-def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Result:
-    """Rounds of (peak, then every overload factor), so a drift in this machine's speed hits both sides of each
-    ratio alike. Peak: closed loop at 16 connections. Overload: an open loop at a factor times the first round's
-    peak over 256 connections, which no client backs off from. ``pins``: (service cores, load cores), or None."""
-    rounds, phase = (2, 3.0) if env.quick else (5, 4.0)
-    svc_cpus, load_cpus = pins or (None, None)
-    res = Result(name)
-    peaks: list[float] = []
-    per: dict[int, dict[str, list[Any]]] = {f: {"goodput": [], "share": [], "p99_429": [], "p99_429_first_s": [],
-                                                "sent": [], "pauses": []} for f in OVERLOAD_FACTORS}
-    during: list[Record] = []
-    base_rate = 0.0
-    with ServiceProcess(env.service_env(), env.work / f"{name}.log", cwd=env.checkout, cpus=svc_cpus) as svc:
-        Load(svc.url, env.models, connections=16, duration_s=3, cpus=load_cpus).stop(wait_s=60)  # warm-up
-        expired0 = metric(svc.url, "rerank_deadline_expired_total")
-        shed0 = metric(svc.url, "rerank_rejections_total")
-        late0 = metric(svc.url, "rerank_late_starts_total")
-        for i in range(rounds):
-            base = Load(svc.url, env.models, connections=16, duration_s=phase, cpus=load_cpus).stop(wait_s=phase + 60)
-            peaks.append(_goodput(base, phase))
-            base_rate = base_rate or peaks[0]
-            res.marks.setdefault("fault", time.monotonic())
-            res.records += [r for r in base if i == 0]  # p99 "before": the first peak window
-            for factor in OVERLOAD_FACTORS:
-                pauses0 = metric(svc.url, "rerank_refusal_pauses_total")
-                over = Load(svc.url, env.models, connections=256, rate=factor * base_rate, duration_s=phase,
-                            cpus=load_cpus).stop(wait_s=phase + 60)
-                start = min((r.sent for r in over), default=0.0)
-                # 256 connections open at the window's start; their first turn waits on the accepts, not on admission
-                refused = [r.latency_s for r in over if r.status == 429 and r.sent >= start + CONNECT_WARMUP_S]
-                first = [r.latency_s for r in over if r.status == 429 and r.sent < start + CONNECT_WARMUP_S]
-                per[factor]["goodput"].append(round(_goodput(over, phase), 1))
-                per[factor]["share"].append(round(_goodput(over, phase) / peaks[-1], 3) if peaks[-1] else 0.0)
-                per[factor]["p99_429"].append(round(float(np.percentile(refused, 99)) * 1000, 2) if refused else None)
-                per[factor]["p99_429_first_s"].append(round(float(np.percentile(first, 99)) * 1000, 2)
-                                                      if first else None)
-                per[factor]["sent"].append(round(len(over) / phase, 1))
-                per[factor]["pauses"].append(int(metric(svc.url, "rerank_refusal_pauses_total") - pauses0))
-                res.records += over
-                during += over
-        res.marks["recovered"] = time.monotonic()
-        res.records += Load(svc.url, env.models, connections=16, duration_s=phase, cpus=load_cpus).stop(
-            wait_s=phase + 60)
-        expired = metric(svc.url, "rerank_deadline_expired_total") - expired0
-        shed = metric(svc.url, "rerank_rejections_total") - shed0
-        late_starts = metric(svc.url, "rerank_late_starts_total") - late0
+def _window(over: list[Record], phase: float, peak: float) -> dict[str, Any]:
+    """One overload window's figures: goodput, its share of the round's peak, the 429 p99 after the connections
+    opened and during it (256 connections open at the window's start; their first turn waits on the accepts, not
+    on admission), and the rate sent."""
+    start = min((r.sent for r in over), default=0.0)
+    refused = [r.latency_s for r in over if r.status == 429 and r.sent >= start + CONNECT_WARMUP_S]
+    first = [r.latency_s for r in over if r.status == 429 and r.sent < start + CONNECT_WARMUP_S]
+    p99 = lambda xs: round(float(np.percentile(xs, 99)) * 1000, 2) if xs else None  # noqa: E731
+    goodput = _goodput(over, phase)
+    return {"goodput": round(goodput, 1), "share": round(goodput / peak, 3) if peak else 0.0,
+            "p99_429": p99(refused), "p99_429_first_s": p99(first), "sent": round(len(over) / phase, 1)}
+
+
+def _overload_checks(res: Result, per: dict[int, dict[str, list[Any]]], pinned_run: bool, late_starts: float,
+                     during: list[Record], shed: float) -> None:
     served = [r for r in during if r.status == 200 and not r.fallback]
     rejected = [r for r in during if r.status == 429]
     late = [r for r in served if r.latency_s > DEADLINE_S]
-    res.figures.update({"pinned": (f"service on core {sorted(svc_cpus or [])}, load on core {sorted(load_cpus or [])}"
-                                   if pins else "no: service and load share every core"),
-                        "rounds": rounds, "phase_s": phase, "peak_rps": [round(p, 1) for p in peaks],
-                        **{f"{f}x_offered_rps": round(f * base_rate, 1) for f in OVERLOAD_FACTORS},
-                        **{f"{f}x_{k}": v for f in OVERLOAD_FACTORS for k, v in per[f].items()},
-                        "rejected_share": round(len(rejected) / max(len(during), 1), 3),
-                        "rejections_counted_by_service": int(shed), "dropped_at_deadline": int(expired),
-                        "late_starts": int(late_starts), "model_answers_after_deadline_client_side": len(late),
+    res.figures.update({"rejected_share": round(len(rejected) / max(len(during), 1), 3),
+                        "rejections_counted_by_service": int(shed), "late_starts": int(late_starts),
+                        "model_answers_after_deadline_client_side": len(late),
                         "fallbacks_during": sum(r.fallback for r in during)})
-    if pins:  # the targets; unpinned, the load generator competes with the service and the figures only inform
+    if pinned_run:  # the targets; unpinned, the load generator competes with the service and the figures only inform
         for f in OVERLOAD_FACTORS:
             res.check(f"{f}x: goodput >= 90% of the round's peak, every round",
                       all(x >= 0.9 for x in per[f]["share"]))
@@ -439,6 +239,51 @@ def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Re
     res.check("model answers the client saw after the deadline < 1% of served", len(late) <= 0.01 * len(served))
     res.check("the service counted every 429", int(shed) == len(rejected))
     res.check("no 5xx or connection error", all(r.status in (200, 429) for r in res.records))
+
+
+def _overload(env: Env, name: str, pins: tuple[set[int], set[int]] | None) -> Result:
+    """Rounds of (peak, then every overload factor), so a drift in this machine's speed hits both sides of each
+    ratio alike. Peak: closed loop at 16 connections. Overload: an open loop at a factor times the first round's
+    peak over 256 connections, which no client backs off from. ``pins``: (service cores, load cores), or None."""
+    rounds, phase = (2, 3.0) if env.quick else (5, 4.0)
+    svc_cpus, load_cpus = pins or (None, None)
+    res = Result(name)
+    peaks: list[float] = []
+    per: dict[int, dict[str, list[Any]]] = {f: {} for f in OVERLOAD_FACTORS}
+    during: list[Record] = []
+    with ServiceProcess(env.service_env(), env.work / f"{name}.log", cwd=env.checkout, cpus=svc_cpus) as svc:
+        def load(connections: int, rate: float = 0.0) -> list[Record]:
+            return Load(svc.url, env.models, connections=connections, rate=rate, duration_s=phase,
+                        cpus=load_cpus).stop(wait_s=phase + 60)
+
+        load(16)  # warm-up
+        counters = ("rerank_deadline_expired_total", "rerank_rejections_total", "rerank_late_starts_total")
+        start = {c: metric(svc.url, c) for c in counters}
+        for i in range(rounds):
+            base = load(16)
+            peaks.append(_goodput(base, phase))
+            res.marks.setdefault("fault", time.monotonic())
+            res.records += [r for r in base if i == 0]  # p99 "before": the first peak window
+            for factor in OVERLOAD_FACTORS:
+                pauses0 = metric(svc.url, "rerank_refusal_pauses_total")
+                over = load(256, factor * peaks[0])
+                for key, value in _window(over, phase, peaks[-1]).items():
+                    per[factor].setdefault(key, []).append(value)
+                per[factor].setdefault("pauses", []).append(int(metric(svc.url, "rerank_refusal_pauses_total")
+                                                                - pauses0))
+                res.records += over
+                during += over
+        res.marks["recovered"] = time.monotonic()
+        res.records += load(16)
+        expired, shed, late_starts = (metric(svc.url, c) - start[c] for c in counters)
+    res.figures.update({"pinned": (f"service on core {sorted(svc_cpus or [])}, load on core {sorted(load_cpus or [])}"
+                                   if pins else "no: service and load share every core"),
+                        "rounds": rounds, "phase_s": phase, "factors": list(OVERLOAD_FACTORS),
+                        "connect_warmup_s": CONNECT_WARMUP_S, "peak_rps": [round(p, 1) for p in peaks],
+                        **{f"{f}x_offered_rps": round(f * peaks[0], 1) for f in OVERLOAD_FACTORS},
+                        **{f"{f}x_{k}": v for f in OVERLOAD_FACTORS for k, v in per[f].items()},
+                        "dropped_at_deadline": int(expired)})
+    _overload_checks(res, per, pins is not None, late_starts, during, shed)
     return res
 
 
@@ -609,17 +454,6 @@ class SlowSenders:
         self._thread.join(30)
 
 
-def svc_cpu(svc: ServiceProcess) -> float:
-    """CPU seconds the service's processes have used so far (user + system, /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in {svc.pid, *svc.pids()}:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
 def slow_body(env: Env) -> Result:
     """More slow senders than the in-flight ceiling (each trickles its body and never finishes it) beside the
     normal closed loop: admission holds no slot for a body still arriving, and the body timeout answers them 408.
@@ -632,15 +466,15 @@ def slow_body(env: Env) -> Result:
         Load(svc.url, env.models, connections=16, duration_s=2).stop(wait_s=60)  # warm-up
         before = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
         res.marks["fault"] = time.monotonic()
-        cpu0, cores0 = time.process_time(), svc_cpu(svc)
+        cpu0, cores0 = time.process_time(), svc.cpu()
         with SlowSenders(svc.port, clients) as slow:
             time.sleep(timeout_s)  # every slow sender connected and trickling
             during = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
         spent = time.monotonic() - res.marks["fault"]
-        sender_cores, service_cores = (time.process_time() - cpu0) / spent, (svc_cpu(svc) - cores0) / spent
+        sender_cores, service_cores = (time.process_time() - cpu0) / spent, (svc.cpu() - cores0) / spent
         res.marks["recovered"] = time.monotonic()
         after = Load(svc.url, env.models, connections=16, duration_s=phase).stop(wait_s=phase + 60)
-        timeouts = metric(svc.url, 'rerank_rejections_total{reason="request_timeout"}')
+        timeouts = metric(svc.url, "rerank_rejections_total", reason="request_timeout")
     res.records = before + during + after
     share = _goodput(during, phase) / max(_goodput(before, phase), 1e-9)
     statuses: dict[int, int] = {}
@@ -680,6 +514,9 @@ def hostile_bodies(model_max: int) -> Iterator[tuple[str, dict[str, str], bytes]
     yield "nested object in a field", js, b'{"user_id": ' + nested + b', "candidates": []}'
     yield "huge number", js, (head + "1" + "0" * 5000 + "}]}").encode()
     yield "huge exponent", js, (head + "1e400}]}").encode()
+    yield "integer wider than 64 bits as the body", js, b"-42015983831773577216"
+    yield "k wider than 64 bits", js, ('{"user_id": "u", "k": ' + str(1 << 70) + ', "candidates": [' + cand
+                                       + "]}").encode()
     yield "NaN literal", js, (head + "NaN}]}").encode()
     yield "non-UTF-8 bytes", js, b'{"user_id": "\xff\xfe", "candidates": []}'
     yield "thousands of candidates", js, ('{"user_id": "u", "candidates": [' + ",".join([cand] * 5000) + "]}").encode()
@@ -693,23 +530,12 @@ def hostile_bodies(model_max: int) -> Iterator[tuple[str, dict[str, str], bytes]
     yield "form content type", {"Content-Type": "application/x-www-form-urlencoded"}, b"a=1"
 
 
-def _send(url: str, headers: dict[str, str], body: bytes) -> int:
-    req = urllib.request.Request(f"{url}/rerank", data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return 0  # the server closed the connection (e.g. an over-limit body); a client error, not a 5xx
-
-
 def hostile(env: Env) -> Result:
     res = Result("hostile")
     with ServiceProcess(env.service_env(), env.work / "hostile.log") as svc:
         rss0 = sum(rss_mb(pid) for pid in svc.pids())
         manifest = json.loads((env.models / env.version / "manifest.json").read_text())
-        statuses = {name: _send(svc.url, headers, body) for name, headers, body in
+        statuses = {name: send(svc.url, headers, body) for name, headers, body in
                     hostile_bodies(int(manifest.get("max_candidates", 50)))}
         # Schemathesis: generated and mutated requests from the service's own OpenAPI document.
         examples = 50 if env.quick else 300
@@ -749,58 +575,6 @@ SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "slow
 QUICK = ("hostile", "redis_kill", "reload", "slow_body")
 
 
-def write_report(results: list[dict[str, Any]], out: Path, command: str, seconds: float, workers: int = 1) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reliability.json").write_text(json.dumps(results, indent=1, default=str))
-    lines = ["# Reliability under faults, overload and hostile input", "",
-             f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} in {seconds:.0f} s; do not edit by hand. The "
-             f"real service ({workers} worker process{'es' if workers > 1 else ''}) and a real redis-server on "
-             "loopback; load from a second process (4 keep-alive "
-             "connections, closed loop, unless the scenario says otherwise). Failed = connection error, client "
-             "timeout, 5xx or any status but 200/429; p99 over the 200 answers sent before / during / after the fault.",
-             "", "| scenario | requests | failed | rejected (429) | fallbacks | p99 before ms | p99 during ms | "
-             "p99 after ms | checks |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        ok = sum(r["checks"].values())
-        cells = [r[k] if r[k] is not None else "-" for k in ("requests", "failed", "rejected", "fallbacks",
-                                                              "p99_before_ms", "p99_during_ms", "p99_after_ms")]
-        if not r["requests"]:  # no load in this scenario (hostile): its requests are in its own section
-            cells = ["-"] * len(cells)
-        lines.append(f"| {r['scenario']} | " + " | ".join(map(str, cells)) + f" | {ok}/{len(r['checks'])} |")
-    lines += overload_lines([r for r in results if "peak_rps" in r])
-    for r in results:
-        lines += ["", f"## {r['scenario']}", ""]
-        lines += [f"- {'PASS' if v else 'FAIL'}: {k}" for k, v in r["checks"].items()]
-        extra = {k: v for k, v in r.items() if k not in {"scenario", "requests", "failed", "rejected", "fallbacks",
-                                                         "checks", "passed"} and not k.startswith("p99_")}
-        lines += [f"- {k}: {v}" for k, v in extra.items()]
-    path = out / "reliability.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def overload_lines(results: list[dict[str, Any]]) -> list[str]:
-    """The overload scenarios side by side: per offered rate, every round's goodput share and 429 p99."""
-    if not results:
-        return []
-    lines = ["", "## Overload, round by round", "",
-             "Goodput: model answers back inside the 100 ms deadline (client side) per second, over the round's peak "
-             f"(closed loop, 16 connections). 429 p99 client side, after the first {CONNECT_WARMUP_S:g} s of each "
-             "window (its connections opening; that part in its own column). Paused: refused connections the "
-             "service left unread while refusals flooded it (rerank_refusal_pauses_total), per window.", "",
-             "| scenario | where | offered req/s | goodput / peak, every round | min | 429 p99 ms, every round | max "
-             "| 429 p99 ms, first 0.5 s | paused |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        for f in OVERLOAD_FACTORS:
-            shares, p99s = r[f"{f}x_share"], [x for x in r[f"{f}x_p99_429"] if x is not None]
-            lines.append(f"| {r['scenario']} | {r['pinned']} | {f}x = {r[f'{f}x_offered_rps']:,.0f} | "
-                         f"{', '.join(f'{x:.2f}' for x in shares)} | {min(shares):.2f} | "
-                         f"{', '.join(f'{x:.1f}' for x in p99s)} | {max(p99s, default=float('nan')):.1f} | "
-                         f"{', '.join(f'{x:.0f}' for x in r[f'{f}x_p99_429_first_s'] if x is not None)} | "
-                         f"{', '.join(str(x) for x in r.get(f'{f}x_pauses', [])) or '-'} |")
-    return lines
-
-
 def run(names: list[str], models: Path, quick: bool, workers: int = 1, checkout: Path | None = None
         ) -> list[dict[str, Any]]:
     version = newest_heldout(models).parent.name
@@ -824,14 +598,6 @@ def run(names: list[str], models: Path, quick: bool, workers: int = 1, checkout:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    load = sub.add_parser("load", help="(internal) the load-generating process")
-    load.add_argument("--url", required=True)
-    load.add_argument("--models", type=Path, default=Path("models"))
-    load.add_argument("--connections", type=int, default=4)
-    load.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop; 0 = closed loop")
-    load.add_argument("--duration", type=float, default=600.0)
-    load.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", type=Path, default=Path("models"), help="model folder (newest version served)")
     parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--quick", action="store_true", help=f"short versions of {', '.join(QUICK)} (CI)")
@@ -843,9 +609,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the service of another checkout of this repository (a git worktree at another "
                              "commit) under the overload scenarios: this suite's load and checks, that code")
     args = parser.parse_args(argv)
-    if args.command == "load":
-        load_main(args)
-        return 0
     names = [n for n in args.only.split(",") if n] or list(QUICK if args.quick else SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:

@@ -32,26 +32,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from loadtest.bench import (
-    WRK_SCRIPT,
-    Target,
-    closed_level,
-    heldout_jobs,
-    machine,
-    percentiles_ms,
-    spread,
-    started,
-    timed,
-)
-from loadtest.replay import load_bodies
+from loadtest import gpu_report, heldout
+from loadtest.levels import closed_level, wrk_files
+from loadtest.measure import machine, percentiles_ms, timed
+from loadtest.scrape import scrape
+from loadtest.targets import Target, started
 from service.model import Job, RerankModel, find_version
+from training import metrics
 
 TOP = 6
 CUDA = "CUDAExecutionProvider"
@@ -164,17 +157,13 @@ def top(logits: np.ndarray, lengths: list[int], k: int = TOP) -> list[np.ndarray
     return [np.argsort(-row[:n], kind="stable")[:k] for row, n in zip(logits, lengths, strict=True)]
 
 
-def ndcg(tops: list[np.ndarray], labels: list[list[int]], k: int = TOP) -> float:
-    """Mean NDCG@k with binary labels over lists that hold at least one relevant item."""
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    scores = []
-    for order, lab in zip(tops, labels, strict=True):
-        rel = np.asarray(lab, dtype=np.float64)
-        ideal = float(np.sort(rel)[::-1][:k] @ discounts[: min(k, len(rel))])
-        if ideal > 0:
-            head = order[:k]
-            scores.append(float(rel[head] @ discounts[: len(head)]) / ideal)
-    return float(np.mean(scores)) if scores else float("nan")
+def ndcg(logits: np.ndarray, labels: list[list[int]], lengths: list[int], k: int = TOP) -> float:
+    """Mean N@k of the lists ranked by ``logits``, as the offline report computes it (``training.metrics``: a list
+    without a positive scores 0)."""
+    width = logits.shape[1]
+    z = np.array([np.pad(np.asarray(lab, dtype=np.float64), (0, width - len(lab))) for lab in labels])
+    mask = np.arange(width)[None] < np.asarray(lengths)[:, None]
+    return float(metrics.ndcg_at_k(logits, z, k, mask).mean())
 
 
 def agreement(reference: np.ndarray, other: np.ndarray, lengths: list[int]) -> dict[str, float]:
@@ -209,16 +198,16 @@ def model_stage(folder: Path, providers: list[str], sizes: list[int], cpu_batch_
         sessions["cpu fp32"] = model.session
         if half is not None:
             sessions["cpu fp16"] = session(half, "cpu")
-    jobs, labels = heldout_jobs(folder, TOP)
+    jobs, labels = heldout.jobs(folder, TOP)
     lengths = [len(j.item_ids) for j in jobs]
     logits = {name: logits_of(s, model, jobs) for name, s in sessions.items()}
     reference = "cpu fp32" if "cpu fp32" in logits else "cuda fp32"
-    quality = {name: {"ndcg@6": round(ndcg(top(lg, lengths), labels), 4),
+    quality = {name: {"ndcg@6": round(ndcg(lg, labels, lengths), 4),
                       **({} if name == reference else {f"vs {reference}": agreement(logits[reference], lg, lengths)})}
                for name, lg in logits.items()}
     if "cuda fp32" in logits and "cuda fp16" in logits:
         quality["cuda fp16"]["vs cuda fp32"] = agreement(logits["cuda fp32"], logits["cuda fp16"], lengths)
-    offline = [json.loads(line)["offline_topk"][:TOP] for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    offline = [row["offline_topk"][:TOP] for row in heldout.records(folder)]
     for name, lg in logits.items():
         got = [[job.item_ids[i] for i in order] for job, order in zip(jobs, top(lg, lengths), strict=True)]
         quality[name]["same_top6_as_export"] = round(float(np.mean(
@@ -239,18 +228,12 @@ def model_stage(folder: Path, providers: list[str], sizes: list[int], cpu_batch_
 
 def providers_running(url: str) -> str:
     """The providers label of rerank_model_info, as the answering worker reports it."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith("rerank_model_info{"):
-            return line.split('providers="', 1)[1].split('"', 1)[0]
-    return "unknown"
+    return scrape(url).label("rerank_model_info", "providers") or "unknown"
 
 
 def service_stage(folder: Path, providers: list[str], workers: list[int], levels: list[int], repeats: int,
                   duration_s: float, wrk_threads: int, tmp: Path, save: Any) -> dict[str, Any]:
-    script, bodies = tmp / "bench.lua", tmp / "bodies.jsonl"
-    script.write_text(WRK_SCRIPT)
-    bodies.write_bytes(b"\n".join(load_bodies(folder)) + b"\n")
+    script, bodies = wrk_files(tmp, folder)
     env = {"RERANK_ADMISSION": "fixed", "RERANK_MAX_IN_FLIGHT": "4096"}
     configs: list[dict[str, Any]] = []
     out: dict[str, Any] = {"env": env, "levels": levels, "repeats_n": repeats, "duration_s": duration_s,
@@ -284,91 +267,6 @@ def service_stage(folder: Path, providers: list[str], workers: list[int], levels
             assert target.service is not None
             cfg["gpu_mib_per_worker_after"] = [by_pid.get(pid) for pid in target.service.pids()]
     return out
-
-
-def service_summary(stage: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per target and connection count: 2xx req/s and latency as median (range) over the repeats."""
-    rows = []
-    for cfg in stage["configs"]:
-        for c in stage["levels"]:
-            runs = [lv for lv in stage["closed"] if lv["target"] == cfg["target"] and lv["connections"] == c]
-            if not runs:
-                continue
-            rows.append({"target": cfg["target"], "connections": c,
-                         "ok_rps": spread([lv["ok_rps"] for lv in runs]),
-                         "p50_ms": spread([lv["p50_ms"] for lv in runs]),
-                         "p99_ms": spread([lv["p99_ms"] for lv in runs]),
-                         "server_p99_ms": spread([lv.get("server_p99_ms", float("nan")) for lv in runs]),
-                         "mean_batch": spread([lv.get("mean_batch") or 0.0 for lv in runs]),
-                         "server_cores_busy": spread([lv["server_cores_busy"] for lv in runs]),
-                         "wrk_cores_busy": spread([lv["wrk_cores_busy"] for lv in runs]),
-                         "non_2xx": sum(lv["non_2xx"] for lv in runs),
-                         "fallbacks": sum(lv.get("fallbacks", 0) for lv in runs),
-                         "socket_errors": sum(lv["socket_errors"] for lv in runs)})
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------- report
-
-
-def fmt(s: dict[str, float], digits: int = 0) -> str:
-    f = f"{{:,.{digits}f}}"
-    return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
-
-
-def write_report(result: dict[str, Any], out: Path) -> None:
-    m, lines = result["machine"], []
-    lines += ["# GPU benchmark", "",
-              f"`{result['command']}`, {result['date']}, {result.get('wall_s', '?')} s. "
-              f"Model `{result['model_version']}`.",
-              f"Machine: {m.get('gpu', '?')} (driver {m.get('driver', '?')}, {m.get('memory_total_mib', '?')} MiB), "
-              f"{m['cpu']}, {m['cores']} cores; onnxruntime {m.get('onnxruntime', '?')}, Python {m['python']}.", ""]
-    model = result.get("model")
-    if model:
-        names = list(model["providers"])
-        lines += ["## Model alone: one `run` per batch, host copies included", "",
-                  "Providers that ran: " + "; ".join(f"{n}: {', '.join(p)}" for n, p in model["providers"].items()),
-                  "", "| batch | " + " | ".join(f"{n} p50 / p99 ms | {n} lists/s" for n in names) + " |",
-                  "|---:|" + "---:|---:|" * len(names)]
-        for row in model["timing"]:
-            cells = []
-            for n in names:
-                r = row.get(n)
-                cells += [f"{r['p50_ms']:.3f} / {r['p99_ms']:.3f}", f"{r['lists_per_s']:,.0f}"] if r else ["-", "-"]
-            lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
-        lines += ["", f"## Agreement over the {model['lists']} held-out lists", "",
-                  "| session | NDCG@6 | top 6 as exported | compared with | same top-6 order | same top-6 set | "
-                  "mean top-6 overlap | max abs logit diff | non-finite logits |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-        for name, q in model["quality"].items():
-            pairs = [(k[3:], v) for k, v in q.items() if k.startswith("vs ")] or [("-", None)]
-            for other, a in pairs:
-                tail = (f"{a['same_top6_order']:.4f} | {a['same_top6_set']:.4f} | {a['mean_top6_overlap']:.4f} | "
-                        f"{a['max_abs_logit_diff']:.2e} | {a['non_finite_logits']}") if a else "- | - | - | - | -"
-                lines.append(f"| {name} | {q['ndcg@6']:.4f} | {q['same_top6_as_export']:.4f} | {other} | {tail} |")
-        g = model["gpu_memory"]
-        lines += ["", f"GPU memory of this process holding {', '.join(g['sessions']) or 'no CUDA session'} after "
-                  f"batches up to {g['largest_batch']}: {g['this_process_mib']} MiB (device used "
-                  f"{g['used_before_mib']} → {g['used_after_mib']} MiB).", ""]
-    svc = result.get("service")
-    if svc:
-        lines += ["## The service", "",
-                  f"wrk closed loop, {svc['wrk_threads']} threads, {svc['duration_s']:g} s per level, "
-                  f"{svc['repeats_n']} interleaved repeats, median (range); no Redis (features from the model's "
-                  f"snapshot); {', '.join(f'{k}={v}' for k, v in svc['env'].items())}.", "",
-                  "| target | providers running | start s | GPU MiB per worker (after the run) |", "|---|---|---:|---|"]
-        for cfg in svc["configs"]:
-            lines.append(f"| {cfg['target']} | {cfg['providers']} | {cfg['start_s']} | "
-                         f"{cfg.get('gpu_mib_per_worker_after', cfg['gpu_mib_per_worker'])} |")
-        lines += ["", "| target | connections | 2xx req/s | client p50 ms | client p99 ms | server p99 ms | mean batch "
-                  "| server cores | wrk cores | non-2xx | fallbacks |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in service_summary(svc):
-            lines.append(f"| {r['target']} | {r['connections']} | {fmt(r['ok_rps'])} | {fmt(r['p50_ms'], 2)} | "
-                         f"{fmt(r['p99_ms'], 2)} | {fmt(r['server_p99_ms'], 2)} | {r['mean_batch']['median']:.1f} | "
-                         f"{r['server_cores_busy']['median']:.1f} | {r['wrk_cores_busy']['median']:.2f} | "
-                         f"{r['non_2xx']} | {r['fallbacks']} |")
-    (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -415,7 +313,7 @@ def main() -> None:
                                               [int(x) for x in args.concurrency.split(",")], args.repeats,
                                               args.duration_s, args.wrk_threads, Path(tmp), save)
     save()
-    write_report(result, args.out)
+    gpu_report.write_report(result, args.out)
     print(f"wrote {args.out}/gpu.json and gpu.md in {result['wall_s']} s")
 
 

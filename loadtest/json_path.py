@@ -8,7 +8,6 @@ Times each stage over the held-out requests of the newest exported model, in-pro
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from loadtest import heldout
 from service.model import Job, RerankModel, UserFeatures, find_version
 from service.schemas import check_request, parse_request
 
@@ -36,8 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = find_version(args.models)
     model = RerankModel(folder, "cpu")
-    rows = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
-    bodies = [json.dumps(r["request"]).encode() for r in rows]
+    bodies = heldout.bodies(folder)
     reqs = [parse_request(b) for b in bodies]
     jobs = [Job([c.item_id for c in r.candidates], np.array([c.score for c in r.candidates], np.float32),
                 UserFeatures({}, ()), 6) for r in reqs]

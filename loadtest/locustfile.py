@@ -19,10 +19,10 @@ from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, constant_throughput, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Requests, newest_heldout, schedule, stage_at
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: locust imports this file alone
+from loadtest.workload import Requests, schedule, stage_at
 
-REQUESTS = Requests(newest_heldout(Path(os.environ.get("LOCUST_MODELS", "models"))),
+REQUESTS = Requests(Path(os.environ.get("LOCUST_MODELS", "models")),
                     cold_share=float(os.environ.get("LOCUST_COLD_SHARE", "0.02")))
 STAGES = schedule(os.environ.get("LOCUST_SCENARIO", "steady"), int(os.environ.get("LOCUST_USERS", "20")),
                   float(os.environ.get("LOCUST_DURATION_S", "60")))

@@ -45,6 +45,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int] | set[int]) -> float:
+    """User + system CPU seconds of these processes so far, all threads (Linux /proc; a process that is gone
+    counts 0)."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def load_features(redis_url: str, env: dict[str, str]) -> None:
+    """``python -m service load-features`` into ``redis_url``, with the model settings in ``env``."""
+    subprocess.run([sys.executable, "-m", "service", "load-features"], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, **env, "RERANK_REDIS_URL": redis_url})
+
+
 class RedisServer:
     """A real redis-server on a free loopback port; stop() and start() again on the same port."""
 
@@ -149,6 +166,10 @@ class ServiceProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+    def cpu(self) -> float:
+        """CPU seconds the service's processes (the supervisor and its workers) have used so far."""
+        return cpu_seconds({self.pid, *self.pids()})
 
     def pids(self) -> list[int]:
         """The processes that serve: the service itself, or with several workers its worker processes."""

@@ -7,11 +7,12 @@ user-count schedules. Does not know: HTTP or locust.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loadtest import heldout
 
 SCENARIOS = ("steady", "ramp", "spike")
 
@@ -48,10 +49,8 @@ def stage_at(stages: list[Stage], run_s: float) -> Stage | None:
 class Requests:
     """Request bodies drawn like production traffic: user u with probability ~ 1 / rank(u)^s."""
 
-    def __init__(self, heldout: Path, zipf_s: float = 1.1, cold_share: float = 0.02, seed: int = 0) -> None:
-        rows = [json.loads(line)["request"] for line in heldout.read_text().splitlines() if line.strip()]
-        if not rows:
-            raise ValueError(f"{heldout} holds no requests")
+    def __init__(self, models: Path, zipf_s: float = 1.1, cold_share: float = 0.02, seed: int = 0) -> None:
+        rows = heldout.requests(models)
         self.rng = random.Random(seed)
         self.rows = rows
         order = list(range(len(rows)))
@@ -68,13 +67,3 @@ class Requests:
         if self.rng.random() < self.cold_share:
             body["user_id"] = f"cold-{self.rng.randrange(1 << 30)}"
         return body
-
-
-def newest_heldout(models: Path) -> Path:
-    """``heldout.jsonl`` of ``models`` itself or of its newest version folder."""
-    if (models / "heldout.jsonl").is_file():
-        return models / "heldout.jsonl"
-    files = sorted(models.glob("*/heldout.jsonl"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no heldout.jsonl under {models}: export a model first (make model)")
-    return files[-1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import faults
+from loadtest import faults, faults_report
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_report_lists_every_scenario_with_its_figures(tmp_path: Path) -> None:
     results = [{"scenario": "redis_kill", "requests": 10, "failed": 0, "rejected": 0, "fallbacks": 0,
                 "p99_before_ms": 1.0, "p99_during_ms": 2.0, "p99_after_ms": 1.5,
                 "checks": {"no failed request": True, "breaker opened": False}, "passed": False, "seconds": 3.0}]
-    text = faults.write_report(results, tmp_path, "python -m loadtest.faults", 3.0).read_text()
+    text = faults_report.write_report(results, tmp_path, "python -m loadtest.faults", 3.0).read_text()
     assert "| redis_kill | 10 | 0 | 0 | 0 | 1.0 | 2.0 | 1.5 | 1/2 |" in text
     assert "- FAIL: breaker opened" in text and "- PASS: no failed request" in text
 

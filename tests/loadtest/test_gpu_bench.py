@@ -24,12 +24,13 @@ def test_top_keeps_request_order_on_ties_and_ignores_padding() -> None:
     assert second.tolist() == [0, 1, 2]
 
 
-def test_ndcg_is_one_for_the_ideal_order_and_skips_lists_without_positives() -> None:
-    labels = [[0, 1, 0, 1], [0, 0, 0, 0]]
-    ideal = [np.array([1, 3, 0, 2]), np.array([0, 1, 2, 3])]
-    assert gpu.ndcg(ideal, labels, k=2) == pytest.approx(1.0)
-    worst = [np.array([0, 2, 1, 3]), np.array([0, 1, 2, 3])]
-    assert gpu.ndcg(worst, labels, k=2) == pytest.approx(0.0)
+def test_ndcg_is_the_offline_n6_one_for_the_ideal_order_and_zero_for_a_list_without_positives() -> None:
+    labels = [[0, 1, 0, 1], [0, 0, 0]]
+    ideal = np.array([[0.0, 2.0, 1.0, 3.0], [3.0, 2.0, 1.0, -np.inf]], dtype=np.float32)  # second list: 3 long
+    assert gpu.ndcg(ideal, labels, [4, 3], k=2) == pytest.approx(0.5)  # (1 + 0) / 2, as training.metrics has it
+    worst = np.array([[3.0, 0.0, 2.0, 1.0], [3.0, 2.0, 1.0, -np.inf]], dtype=np.float32)
+    assert gpu.ndcg(worst, labels, [4, 3], k=2) == pytest.approx(0.0)
+    assert gpu.ndcg(ideal[:1], labels[:1], [4], k=2) == pytest.approx(1.0)
 
 
 def test_agreement_counts_order_set_and_overlap() -> None:

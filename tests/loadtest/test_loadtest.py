@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from loadtest import bench, workload
-from loadtest.replay import quantile
+from loadtest import bench_report, heldout, workload
+from loadtest.levels import best_under
+from loadtest.scrape import Scrape, quantile
 from loadtest.servers import Timed, ceiling_app, naive_app
 from tests.conftest import ServiceThread, service_settings
 
@@ -42,10 +43,10 @@ def test_schedules() -> None:
 
 
 def test_requests_are_real_lists_with_skewed_users(model_root: Path) -> None:
-    heldout = workload.newest_heldout(model_root / "tiny-v1")
+    path = heldout.newest_heldout(model_root / "tiny-v1")
     rows = {json.loads(line)["request"]["user_id"]: json.loads(line)["request"]
-            for line in heldout.read_text().splitlines()}
-    reqs = workload.Requests(heldout, zipf_s=1.1, cold_share=0.1, seed=3)
+            for line in path.read_text().splitlines()}
+    reqs = workload.Requests(model_root / "tiny-v1", zipf_s=1.1, cold_share=0.1, seed=3)
     bodies = [reqs.next() for _ in range(3000)]
     assert len({b["request_id"] for b in bodies}) == 3000
     cold = [b for b in bodies if b["user_id"].startswith("cold-")]
@@ -113,10 +114,10 @@ def level(target: str, c: int, rps: float, p99: float, non_2xx: int = 0, server_
 
 def test_best_under_budget_ignores_slow_levels_and_errors() -> None:
     levels = [level("s", 1, 100, 2), level("s", 4, 300, 9), level("s", 16, 500, 30), level("s", 8, 400, 9.5, 3)]
-    assert bench.best_under(levels)["connections"] == 4
-    assert bench.best_under([level("s", 1, 100, 40)]) is None
+    assert best_under(levels)["connections"] == 4
+    assert best_under([level("s", 1, 100, 40)]) is None
     # The server's own p99 counts too where it reports one.
-    assert bench.best_under([level("s", 1, 200, 6), level("s", 8, 210, 6, server_p99=12)])["connections"] == 1
+    assert best_under([level("s", 1, 200, 6), level("s", 8, 210, 6, server_p99=12)])["connections"] == 1
 
 
 def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
@@ -136,7 +137,7 @@ def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
             # refused half of 20,000/s (429 from admission): 10,000 2xx/s, which is not this target's peak
             level("service x1", 64, 20000, 50.0, non_2xx=30000, server_p99=40.0, cpu_us=100, mean_batch=8.0)]}
 
-    s = bench.summarise([repeat(1.0), repeat(1.2), repeat(0.9)], model, workers=2)
+    s = bench_report.summarise([repeat(1.0), repeat(1.2), repeat(0.9)], model, workers=2)
     assert s["peak rps service x1"]["median"] == pytest.approx(10000.0)  # 2xx only
     assert s["rps service x2"] == {"median": 7000.0, "min": 6300.0, "max": 8400.0}
     assert s["speedup"]["median"] == pytest.approx(1.75)
@@ -146,7 +147,7 @@ def test_summary_spreads_over_repeats_and_checks_the_targets() -> None:
     assert s["cpu ratio service x2"]["median"] == pytest.approx(1.16)
     assert s["c1 bound"]["median"] == pytest.approx(0.4) and s["c1 ratio"]["median"] == pytest.approx(1.25)
     assert list(s["targets"].values()) == [True, True, True]
-    assert bench.model_cpu_us_per_list(model, 2.0) == pytest.approx(150.0)
+    assert bench_report.model_cpu_us_per_list(model, 2.0) == pytest.approx(150.0)
 
 
 def test_ab_compares_the_other_checkout_per_repeat_and_is_empty_without_it() -> None:
@@ -159,12 +160,12 @@ def test_ab_compares_the_other_checkout_per_repeat_and_is_empty_without_it() -> 
             level("service-B x1", 16, 1300 * b_scale, 11.0),
             level("service-B x2", 4, 2000 * b_scale, 5.0)]}
 
-    ab = bench.compare_ab([repeat(1.0), repeat(0.8), repeat(1.25)], workers=2)
+    ab = bench_report.compare_ab([repeat(1.0), repeat(0.8), repeat(1.25)], workers=2)
     assert ab["rps service-B x1"] == {"median": 1000.0, "min": 800.0, "max": 1250.0}
     assert ab["ab ratio x1"] == {"median": 1.0, "min": 0.8, "max": 1.25}
     assert ab["ab peak ratio x1"]["median"] == pytest.approx(1500 / 1300, abs=1e-3)
     assert ab["ab ratio x2"]["median"] == pytest.approx(0.9)
-    assert bench.compare_ab([{"open": [], "closed": [level("service x1", 4, 1000, 5.0)]}], workers=2) == {}
+    assert bench_report.compare_ab([{"open": [], "closed": [level("service x1", 4, 1000, 5.0)]}], workers=2) == {}
 
 
 def test_histogram_quantile_interpolates_the_delta() -> None:
@@ -187,7 +188,7 @@ def test_admission_table_checks_refusals_where_littles_law_fits_and_speed_where_
         return {"closed": [lv(16, 1000, 0, 0.5), lv(64, good_64, refused_64, 0.5),
                            lv(256, 1005, 20000, 1.5025, fallbacks=5, refusal_p99=2.0)]}
 
-    rows = bench.admission([repeat(1000, 5), repeat(1000, 0)])
+    rows = bench_report.admission([repeat(1000, 5), repeat(1000, 0)])
     by = {r["connections"]: r for r in rows}
     assert [by[c]["fits"] for c in (16, 64, 256)] == [True, True, False]
     assert by[64]["met"] and by[64]["refusals_per_answer"] == pytest.approx(0.0025)
@@ -196,8 +197,64 @@ def test_admission_table_checks_refusals_where_littles_law_fits_and_speed_where_
     assert by[256]["cpu_us_per_refusal"] == pytest.approx(50.0) and by[256]["on_time"] == pytest.approx(1 - 5 / 1005)
     assert by[256]["met"]
 
-    rows = bench.admission([repeat(300, 2000), repeat(310, 2100)])  # refusing at 64 where it all fits: the old gate
+    # refusing at 64 where it all fits: the old gate
+    rows = bench_report.admission([repeat(300, 2000), repeat(310, 2100)])
     by = {r["connections"]: r for r in rows}
     assert not by[64]["met"] and not by[64]["goodput_held"]
-    lines = bench.admission_lines(rows)
+    lines = bench_report.admission_lines(rows)
     assert any("| service x1 | 64 | 305 (300 to 310) |" in line and line.endswith("**no** |") for line in lines)
+
+
+# ------------------------------------------------------------------------- held-out, client and scraper
+
+
+def test_heldout_reader_gives_every_request_as_bytes_dicts_and_jobs(model_root: Path) -> None:
+    folder = model_root / "tiny-v1"
+    lines = (folder / "heldout.jsonl").read_text().splitlines()
+    bodies, requests = heldout.bodies(folder), heldout.requests(folder)
+    assert len(bodies) == len(requests) == len(lines)
+    assert [json.loads(b) for b in bodies] == requests == [json.loads(line)["request"] for line in lines]
+    jobs, labels = heldout.jobs(folder)
+    assert [j.item_ids for j in jobs] == [[c["item_id"] for c in r["candidates"]] for r in requests]
+    assert [len(z) for z in labels] == [len(r["candidates"]) for r in requests]
+    with pytest.raises(FileNotFoundError, match="make model"):
+        heldout.newest_heldout(model_root / "nothing-here")
+
+
+def test_scrape_reads_the_services_own_exposition() -> None:
+    from service.metrics import Metrics
+
+    m = Metrics()
+    m.requests.labels("2xx").inc(3)
+    m.requests.labels("4xx").inc()
+    m.fallbacks.labels("deadline").inc(2)
+    for seconds in (0.0012, 0.0015, 0.2):
+        m.request_seconds.observe(seconds)
+    s = Scrape.parse(m.exposition().decode())
+    assert s.total("rerank_requests_total") == 4 and s.total("rerank_requests_total", status="2xx") == 3
+    assert s.total("rerank_fallbacks_total", reason="deadline") == 2 and s.total("rerank_fallbacks_total",
+                                                                                  reason="draining") == 0
+    buckets = s.histogram("rerank_request_duration_seconds")
+    assert buckets[float("inf")] == 3 and list(buckets) == sorted(buckets)
+    assert 0.001 < quantile({}, buckets, 0.5) <= 0.002
+
+
+def test_load_client_closed_and_open_loop_against_the_real_service(model_root: Path) -> None:
+    import asyncio
+
+    from loadtest import client
+    from loadtest.scrape import quantiles_ms, scrape
+
+    bodies = heldout.bodies(model_root / "tiny-v1")
+    with ServiceThread(service_settings(model_root)) as svc:
+        before = scrape(svc.url)
+        closed = asyncio.run(client.drive(svc.url, bodies, 3, requests=30))
+        after = scrape(svc.url)
+        # Open loop: request i is due at i / rate, so 0.3 s at 100/s sends exactly 30, spread over the window.
+        opened = asyncio.run(client.drive(svc.url, bodies, 4, rate=100, duration_s=0.3))
+    assert len(closed) == 30 and {r.status for r in closed} == {200} and all(r.latency_s > 0 for r in closed)
+    assert after.total("rerank_requests_total", status="2xx") - before.total("rerank_requests_total") == 30
+    assert quantiles_ms(before, after, "rerank_request_duration_seconds", (0.5,))["p50_ms"] > 0
+    assert len(opened) == 30 and {r.status for r in opened} == {200}
+    sent = sorted(r.sent for r in opened)
+    assert sent[-1] - sent[0] >= 0.25
