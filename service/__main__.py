@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from service import logs
 from service.config import Settings
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="user_features.jsonl (default: the served model's)")
     args = parser.parse_args(argv)
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "reload":
         return reload(settings, args.version)
     if args.command == "load-features":

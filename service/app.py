@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import errors
+from service import errors, logs
 from service.admission import UNREAD_S, ASGIApp, Door, Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
@@ -49,6 +49,7 @@ from service.model import Job, Ranked, RerankModel, find_version
 from service.schemas import ErrorBody, FallbackReason, RerankRequest, RerankResponse, check_request, parse_request
 
 log = logging.getLogger("rerank.app")
+access_log = logging.getLogger(logs.ACCESS)
 Reloader = Callable[[str], Coroutine[Any, Any, dict[str, Any]]]  # version -> this worker's reload result
 
 
@@ -256,23 +257,47 @@ def publish_gauges(svc: Service, runtime: Runtime) -> None:
 # ------------------------------------------------------------------------------------------- /rerank
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What ``rank`` answered: the response, whether the deadline passed before the model answered, and what the
+    access log records of it."""
+
+    response: Response
+    missed: bool
+    request_id: str | None
+    model_version: str
+    fallback_reason: str | None
+    candidates: int
+    features_s: float  # the user-feature lookup
+    batch_s: float  # from the batcher's submit to the answer: queue wait and the model
+
+
 async def rerank(request: Request) -> Response:
     """Rerank the candidates; answers in retriever order with ``fallback: true`` if the model fails or the
     deadline passes first."""
     started = time.monotonic()  # the one arrival time: the handler's latency and the request's deadline count from it
     svc = service_of(request)
     try:
-        response = await admit_and_rank(svc, request, started)
+        answer = await admit_and_rank(svc, request, started)
     except errors.ServiceError as exc:
+        total_s = time.monotonic() - started
         svc.metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
-        svc.metrics.request_seconds.observe(time.monotonic() - started)
+        svc.metrics.request_seconds.observe(total_s)
+        if svc.settings.access_log:
+            access_log.info("rerank %d %s", exc.status, exc.code, extra={"event": logs.access_event(
+                None, exc.status, total_s, error=exc.code)})
         return errors.error_response(exc)
+    total_s = time.monotonic() - started
     svc.metrics.requests.labels(status="2xx").inc()
-    svc.metrics.request_seconds.observe(time.monotonic() - started)
-    return response
+    svc.metrics.request_seconds.observe(total_s)
+    if svc.settings.access_log:
+        access_log.info("rerank 200 %s", answer.request_id, extra={"event": logs.access_event(
+            answer.request_id, 200, total_s, answer.model_version, answer.fallback_reason, answer.candidates,
+            {"features": answer.features_s, "batch": answer.batch_s})})
+    return answer.response
 
 
-async def admit_and_rank(svc: Service, request: Request, started: float) -> Response:
+async def admit_and_rank(svc: Service, request: Request, started: float) -> Answer:
     """Content type, body, parse and check, admission against the request's own deadline (the slot held until
     the answer), then ``rank``. ``started``: when the handler began (time.monotonic)."""
     settings, metrics, gate = svc.settings, svc.metrics, svc.gate
@@ -299,22 +324,23 @@ async def admit_and_rank(svc: Service, request: Request, started: float) -> Resp
     if refusal is not None:  # the door let it in, and the wait grew while its body arrived, or its own deadline
         raise gate.refuse(refusal)  # is shorter than the one the door judged by
     gate.enter()
-    missed = False
+    answer = None
     try:
-        response, missed = await rank(svc, runtime, model, req, k, deadline)
-        return response
+        answer = await rank(svc, runtime, model, req, k, deadline)
+        return answer
     finally:
-        gate.leave(missed)
+        gate.leave(answer is not None and answer.missed)
 
 
 async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRequest, k: int, deadline: float
-               ) -> tuple[Response, bool]:
+               ) -> Answer:
     """Features, the batcher under ``deadline``, the answer (in retriever order if the model fails or is late), and
     whether the deadline passed before the model answered."""
     settings, metrics = svc.settings, svc.metrics
     t_feat = time.monotonic()
     features, source, redis_failed = await runtime.features.get(req.user_id)
-    metrics.feature_seconds.observe(time.monotonic() - t_feat)
+    t_batch = time.monotonic()
+    metrics.feature_seconds.observe(t_batch - t_feat)
     metrics.feature_lookups.labels(source=source).inc()
     if redis_failed:
         metrics.redis_errors.inc()
@@ -343,17 +369,21 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
         log.exception("inference failed for request %r", req.request_id)
         reason = "model_error"
 
+    batch_s = time.monotonic() - t_batch
     if ranked is None:
         metrics.fallbacks.labels(reason=reason).inc()
         body = {"request_id": req.request_id, "model_version": model.version, "items": fallback_items(req, k),
                 "fallback": True, "fallback_reason": reason}
-        return json_response(body), reason == "deadline"
+        return Answer(json_response(body), reason == "deadline", req.request_id, model.version, reason,
+                      len(req.candidates), t_batch - t_feat, batch_s)
     if ranked.oov_items:
         metrics.oov_items.inc(ranked.oov_items)
     items = [{"item_id": job.item_ids[int(p)], "score": float(s), "rank": r + 1}
              for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
-    return json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
-                          "fallback": False, "fallback_reason": None}), False
+    response = json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
+                              "fallback": False, "fallback_reason": None})
+    return Answer(response, False, req.request_id, ranked.version, None, len(req.candidates), t_batch - t_feat,
+                  batch_s)
 
 
 # ------------------------------------------------------------------------------------------- probes and admin

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address for `python -m service`")
     port: int = Field(8000, ge=1, le=65535, description="bind port for `python -m service`")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "text = one readable line per record (a terminal); json = one JSON object per line (ts, level, logger, msg, "
+        "pid and the event's fields), uvicorn's own records included"))
+    access_log: bool = Field(False, description=(
+        "one event per /rerank request on the rerank.access logger: request_id, status, model_version, "
+        "fallback_reason, candidates, total_ms, features_ms, batch_ms, worker_pid (probes are not logged)"))
 
     @field_validator("redis_url")
     @classmethod

@@ -64,12 +64,13 @@ class Servable(Protocol):
 
 
 def uvicorn_config(stack: Servable, settings: Settings) -> uvicorn.Config:
-    """How the service runs under uvicorn, here and in the tests: the stack's app and HTTP protocol, no access log
-    (the service's own metrics count every request), no proxy-header rewriting (nothing reads the client's
-    address), and a bounded graceful shutdown."""
+    """How the service runs under uvicorn, here and in the tests: the stack's app and HTTP protocol, no uvicorn
+    access log (the service's own, ``RERANK_ACCESS_LOG``, says more), uvicorn's records handed to the root logger
+    (``service/logs.py`` formats them like the service's own), no proxy-header rewriting (nothing reads the
+    client's address), and a bounded graceful shutdown."""
     return uvicorn.Config(stack.asgi, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False, http=stack.http,
-                          proxy_headers=False)
+                          log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False,
+                          http=stack.http, proxy_headers=False)
 
 
 def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from service import logs
 from service.config import Settings
 from service.metrics import MULTIPROC_ENV
 from service.server import GRACEFUL_SHUTDOWN_S
@@ -46,7 +47,6 @@ if TYPE_CHECKING:  # the supervisor process never imports the app
 log = logging.getLogger("service.workers")
 RELOAD_TIMEOUT_S = 300.0  # every worker loads, validates and warms the new version up in this long
 PR_SET_PDEATHSIG = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Message = tuple[Any, ...]
 
 
@@ -128,7 +128,7 @@ def worker_main(index: int, conn: Connection, workers: int, version: str) -> Non
     """A worker process: its own app (model, batcher, Redis pool) on its own SO_REUSEPORT socket."""
     die_with_parent()
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    logs.configure(settings.log_level, settings.log_format)
     settings = worker_settings(settings, workers, version)
     from service.app import create_stack
     from service.server import reuse_port_socket, serve
