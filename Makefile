@@ -10,7 +10,7 @@ DEFAULT_VARIANT ?= $(shell python3 -c "import json; print(json.load(open('report
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate pytest redis wrk serve model pipeline capacity dnr-choices bench bench-gpu loadtest lock image-check faults clean
+.PHONY: test lint typecheck validate promtool pytest redis wrk serve model pipeline capacity dnr-choices bench bench-gpu loadtest lock image-check faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,11 +37,21 @@ typecheck: $(STAMP)
 pytest: $(STAMP) redis
 	$(PY) -m pytest -q
 
-# Deployment files, without a Docker daemon: Dockerfile lint, compose schema, Kubernetes schemas (strict).
-validate: $(STAMP)
+# Deployment files, without a Docker daemon: Dockerfile lint, compose schema, Kubernetes schemas (strict), the
+# Prometheus config and alert rules (promtool check) and the alerts' unit tests (promtool test rules).
+validate: $(STAMP) promtool
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/docker-compose -f deploy/docker-compose.yml config --quiet
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
+
+# promtool comes with Debian's prometheus package (installed, not started).
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (apt-get install prometheus)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; fi; }
 
 test: lint typecheck validate pytest
 

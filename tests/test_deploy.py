@@ -97,9 +97,23 @@ def test_compose_wires_service_redis_and_prometheus() -> None:
     assert rerank["read_only"] is True
     grace = int(rerank["stop_grace_period"].removesuffix("s"))
     assert grace > Settings.model_fields["drain_delay_s"].default + GRACEFUL_SHUTDOWN_S
-    scrape = load_yaml(DEPLOY / "prometheus.yml")[0]["scrape_configs"][0]
+    scrape = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"rerank:{env['RERANK_PORT']}"]
     assert scrape["metrics_path"] in routes()
+
+
+def test_alert_rules_name_only_exported_metrics_and_the_scraped_job() -> None:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]
+    assert config["rule_files"] == ["alerts.yml"]
+    rules = [r for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")[0]["groups"] for r in g["rules"]]
+    used = {m for r in rules for m in re.findall(r"\brerank_[a-z_]+", r["expr"])}
+    assert used and used - exported_samples() == set()
+    jobs = {j for r in rules for j in re.findall(r'job="([^"]+)"', r["expr"])}
+    assert jobs == {config["scrape_configs"][0]["job_name"]}
+    reasons = {v for r in rules for m in re.findall(r'reason=~"([^"]+)"', r["expr"]) for v in m.split("|")}
+    assert reasons == {"deadline", "in_flight", "queue_full"}  # the 429 reasons (admission.Gate.refuse, the batcher)
+    assert {r["alert"] for r in rules} >= {"RerankFallbackRateHigh", "RerankRefusingLoad", "RerankRedisBreakerOpen",
+                                           "RerankLatencyOverBudget", "RerankReloadFailed"}
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
