@@ -37,11 +37,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP) redis
 	$(PY) -m pytest -q
 
-# Deployment files, without a Docker daemon: Dockerfile lint, compose schema, Kubernetes schemas (strict), the
-# Prometheus config and alert rules (promtool check) and the alerts' unit tests (promtool test rules).
+# Deployment files, without a Docker daemon: Dockerfile lint, compose schema (CPU and GPU variants), Kubernetes
+# schemas (strict), the Prometheus config and alert rules (promtool check) and the alerts' unit tests.
 validate: $(STAMP) promtool
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/docker-compose -f deploy/docker-compose.yml config --quiet
+	$(VENV)/bin/docker-compose -f deploy/docker-compose.yml -f deploy/docker-compose.gpu.yml config --quiet
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 	promtool check config deploy/prometheus/prometheus.yml
 	promtool test rules deploy/prometheus/alerts.test.yml

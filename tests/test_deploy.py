@@ -102,6 +102,30 @@ def test_compose_wires_service_redis_and_prometheus() -> None:
     assert scrape["metrics_path"] in routes()
 
 
+def test_every_service_waited_on_is_healthchecked_and_waited_on_by_health() -> None:
+    services = load_yaml(DEPLOY / "docker-compose.yml")[0]["services"]
+    for name, svc in services.items():
+        for dep, how in svc.get("depends_on", {}).items():
+            assert "healthcheck" in services[dep], f"{name} waits on {dep}, which has no healthcheck"
+            assert how["condition"] in ("service_healthy", "service_completed_successfully"), (name, dep)
+    probe = " ".join(services["rerank"]["healthcheck"]["test"])
+    assert "/readyz" in probe and "/readyz" in routes()
+
+
+def test_the_gpu_variant_reserves_a_gpu_asks_for_cuda_and_does_not_loop() -> None:
+    cpu = load_yaml(DEPLOY / "docker-compose.yml")[0]["services"]
+    gpu = load_yaml(DEPLOY / "docker-compose.gpu.yml")[0]["services"]
+    assert set(gpu) <= set(cpu)  # a layer on the same services, not new ones
+    rerank = gpu["rerank"]
+    (device,) = rerank["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] >= 1
+    assert rerank["environment"]["RERANK_PROVIDERS"] == "cuda" and rerank["build"]["args"]["RUNTIME"] == "gpu"
+    Settings(_env_file=None, providers=rerank["environment"]["RERANK_PROVIDERS"])
+    assert rerank["restart"].startswith("on-failure:")  # a refused start stops, it does not loop
+    assert cpu["rerank"]["build"]["args"]["RUNTIME"] == "cpu" and "RERANK_PROVIDERS" not in cpu["rerank"]["environment"]
+    assert gpu["load-features"]["image"] == rerank["image"]
+
+
 def test_alert_rules_name_only_exported_metrics_and_the_scraped_job() -> None:
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]
     assert config["rule_files"] == ["alerts.yml"]
