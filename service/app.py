@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import gc
 import hmac
 import logging
@@ -26,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import orjson
@@ -47,6 +48,9 @@ from service.manifest import ModelError
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Job, Ranked, RerankModel, find_version
 from service.schemas import ErrorBody, FallbackReason, RerankRequest, RerankResponse, check_request, parse_request
+
+if TYPE_CHECKING:
+    from service.tracing import Tracing
 
 log = logging.getLogger("rerank.app")
 access_log = logging.getLogger(logs.ACCESS)
@@ -86,6 +90,7 @@ class Service:
     peers: Peers | None = None  # set in a worker process: reloads reach every worker (service/workers.py)
     runtime: Runtime | None = None
     draining: bool = False
+    tracing: Tracing | None = None  # RERANK_TRACING (service/tracing.py); None: off, and OpenTelemetry never imported
 
 
 def service_of(request_or_app: Request | FastAPI) -> Service:
@@ -114,7 +119,9 @@ def load_model(folder: Path, settings: Settings) -> tuple[RerankModel, float]:
 
 def run_batch(jobs: list[tuple[RerankModel, Job]]) -> list[Ranked]:
     """The batcher's process function. Each job carries the model that was current when it arrived; a
-    batch spanning a reload runs per model, so no request meets a vocabulary it was not checked against."""
+    batch spanning a reload runs per model, so no request meets a vocabulary it was not checked against. Each
+    answer carries when its model call began and how long it took."""
+    started = time.monotonic()
     out: list[Ranked | None] = [None] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for i, (model, _) in enumerate(jobs):
@@ -123,7 +130,8 @@ def run_batch(jobs: list[tuple[RerankModel, Job]]) -> list[Ranked]:
         model = jobs[rows[0]][0]
         for row, ranked in zip(rows, model.rank([jobs[r][1] for r in rows]), strict=True):
             out[row] = ranked
-    return [r for r in out if r is not None]
+    run_s = time.monotonic() - started
+    return [dataclasses.replace(r, started=started, run_s=run_s) for r in out if r is not None]
 
 
 def freeze_heap() -> None:
@@ -227,6 +235,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.gate.lag.stop()
         await batcher.close()
         await features.close()
+        if svc.tracing is not None:
+            await asyncio.to_thread(svc.tracing.shutdown)
         svc.runtime = None
         log.info("drained and stopped")
 
@@ -260,7 +270,7 @@ def publish_gauges(svc: Service, runtime: Runtime) -> None:
 @dataclass(frozen=True)
 class Answer:
     """What ``rank`` answered: the response, whether the deadline passed before the model answered, and what the
-    access log records of it."""
+    access log and the trace record of it (moments on the monotonic clock)."""
 
     response: Response
     missed: bool
@@ -268,8 +278,17 @@ class Answer:
     model_version: str
     fallback_reason: str | None
     candidates: int
-    features_s: float  # the user-feature lookup
-    batch_s: float  # from the batcher's submit to the answer: queue wait and the model
+    features_at: float  # the user-feature lookup began
+    submitted_at: float  # handed to the batcher
+    answered_at: float  # the batcher answered, or gave up
+    model: Ranked | None  # its started and run_s time the model call; None for a fallback
+
+    def stages_s(self) -> dict[str, float]:
+        """Seconds per stage: features, batch (queue and model), and queue and model apart when the model ran."""
+        out = {"features": self.submitted_at - self.features_at, "batch": self.answered_at - self.submitted_at}
+        if self.model is not None and self.model.started:
+            out |= {"queue": self.model.started - self.submitted_at, "model": self.model.run_s}
+        return out
 
 
 async def rerank(request: Request) -> Response:
@@ -280,21 +299,49 @@ async def rerank(request: Request) -> Response:
     try:
         answer = await admit_and_rank(svc, request, started)
     except errors.ServiceError as exc:
-        total_s = time.monotonic() - started
+        ended = time.monotonic()
         svc.metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
-        svc.metrics.request_seconds.observe(total_s)
+        svc.metrics.request_seconds.observe(ended - started)
         if svc.settings.access_log:
             access_log.info("rerank %d %s", exc.status, exc.code, extra={"event": logs.access_event(
-                None, exc.status, total_s, error=exc.code)})
+                None, exc.status, ended - started, error=exc.code)})
+        if svc.tracing is not None:
+            trace_refusal(svc.tracing, request, started, ended, exc)
         return errors.error_response(exc)
-    total_s = time.monotonic() - started
+    ended = time.monotonic()
     svc.metrics.requests.labels(status="2xx").inc()
-    svc.metrics.request_seconds.observe(total_s)
+    svc.metrics.request_seconds.observe(ended - started)
     if svc.settings.access_log:
         access_log.info("rerank 200 %s", answer.request_id, extra={"event": logs.access_event(
-            answer.request_id, 200, total_s, answer.model_version, answer.fallback_reason, answer.candidates,
-            {"features": answer.features_s, "batch": answer.batch_s})})
+            answer.request_id, 200, ended - started, answer.model_version, answer.fallback_reason, answer.candidates,
+            answer.stages_s())})
+    if svc.tracing is not None:
+        trace_answer(svc.tracing, request, started, ended, answer)
     return answer.response
+
+
+def trace_answer(tracing: Tracing, request: Request, started: float, ended: float, answer: Answer) -> None:
+    from service.tracing import RequestTimes
+
+    model = answer.model
+    ran = model is not None and model.started > 0
+    run = (model.started, model.started + model.run_s) if model is not None and ran else (0.0, 0.0)
+    attributes: dict[str, str | int | bool] = {
+        "rerank.request_id": answer.request_id or "", "rerank.model_version": answer.model_version,
+        "rerank.candidates": answer.candidates, "rerank.fallback": answer.fallback_reason is not None,
+        "http.response.status_code": 200}
+    if answer.fallback_reason is not None:
+        attributes["rerank.fallback_reason"] = answer.fallback_reason
+    queue = (answer.submitted_at, run[0]) if ran else (0.0, 0.0)
+    tracing.record(request.headers, RequestTimes(started, ended, (answer.features_at, answer.submitted_at), queue,
+                                                 run, dict(attributes)))
+
+
+def trace_refusal(tracing: Tracing, request: Request, started: float, ended: float, exc: errors.ServiceError) -> None:
+    from service.tracing import RequestTimes
+
+    tracing.record(request.headers, RequestTimes(started, ended, attributes={
+        "http.response.status_code": exc.status, "rerank.error": exc.code}), error=exc.code)
 
 
 async def admit_and_rank(svc: Service, request: Request, started: float) -> Answer:
@@ -375,15 +422,15 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
         body = {"request_id": req.request_id, "model_version": model.version, "items": fallback_items(req, k),
                 "fallback": True, "fallback_reason": reason}
         return Answer(json_response(body), reason == "deadline", req.request_id, model.version, reason,
-                      len(req.candidates), t_batch - t_feat, batch_s)
+                      len(req.candidates), t_feat, t_batch, t_batch + batch_s, None)
     if ranked.oov_items:
         metrics.oov_items.inc(ranked.oov_items)
     items = [{"item_id": job.item_ids[int(p)], "score": float(s), "rank": r + 1}
              for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
     response = json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
                               "fallback": False, "fallback_reason": None})
-    return Answer(response, False, req.request_id, ranked.version, None, len(req.candidates), t_batch - t_feat,
-                  batch_s)
+    return Answer(response, False, req.request_id, ranked.version, None, len(req.candidates), t_feat, t_batch,
+                  t_batch + batch_s, ranked)
 
 
 # ------------------------------------------------------------------------------------------- probes and admin
@@ -561,10 +608,16 @@ def install_openapi(app: FastAPI) -> None:
 # ------------------------------------------------------------------------------------------- the app
 
 
-def create_app(settings: Settings | None = None, peers: Peers | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, peers: Peers | None = None, tracing: Tracing | None = None
+               ) -> FastAPI:
     """The app. ``peers`` (service/workers.py) is set in a worker process: /admin/reload then reaches every
-    worker, and the worker tells the supervisor when it is ready."""
+    worker, and the worker tells the supervisor when it is ready. ``tracing``: the tracer to record /rerank with;
+    None builds the one ``RERANK_TRACING`` asks for, if any."""
     settings = settings or Settings()
+    if tracing is None and settings.tracing != "off":
+        from service.tracing import from_settings  # the optional dependency, imported only when asked for
+
+        tracing = from_settings(settings.tracing, settings.tracing_sample_ratio)
     metrics = Metrics()
     gate = make_gate(settings, metrics)
     # FastAPI's built-in OpenTelemetry hooks are off: this service exports Prometheus metrics, and the
@@ -572,7 +625,7 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None) -> 
     app = FastAPI(title="DNR reranking service", version="0.1.0", lifespan=lifespan,
                   description="Reranks a retriever's candidates with a Denoising Neural Reranker.",
                   telemetry={"tracing": False, "metrics": False, "logs": False})
-    app.state.service = Service(settings, metrics, gate, peers)
+    app.state.service = Service(settings, metrics, gate, peers, tracing=tracing)
     install_error_handlers(app)
     install_openapi(app)
     app.router.routes.insert(0, Route("/rerank", rerank, methods=["POST"]))  # first: the hot path; rerank_operation()
@@ -595,14 +648,15 @@ class Stack:
     on_drain: Callable[[], None]
 
 
-def create_stack(settings: Settings | None = None, peers: Peers | None = None) -> Stack:
+def create_stack(settings: Settings | None = None, peers: Peers | None = None, tracing: Tracing | None = None
+                 ) -> Stack:
     """The app with the admission door in front (service/admission.py): by default answered from uvicorn's HTTP
     parser (service/parser_door.py), on the uvicorn releases it was written for, else, with a warning, from the
     ASGI middleware alone (``RERANK_ADMISSION_DOOR=asgi`` asks for that). The middleware wraps the app from
     outside, before FastAPI and Starlette's error middleware: measured with wrk against a gate held full,
     10,500-11,300 refusals/s that way against 8,100-8,400 as a Starlette middleware."""
     settings = settings or Settings()
-    app = create_app(settings, peers)
+    app = create_app(settings, peers, tracing)
     svc = service_of(app)
     default_budget_s = settings.default_timeout_ms / 1000.0
     http: Any = "httptools"

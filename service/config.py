@@ -103,9 +103,15 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description=(
         "text = one readable line per record (a terminal); json = one JSON object per line (ts, level, logger, msg, "
         "pid and the event's fields), uvicorn's own records included"))
+    tracing: Literal["off", "otlp", "console"] = Field("off", description=(
+        "OpenTelemetry spans per /rerank request (features, queue, model), continuing the caller's traceparent: "
+        "otlp = OTLP over HTTP (OTEL_EXPORTER_OTLP_ENDPOINT), console = stdout; needs pip install '.[tracing]'"))
+    tracing_sample_ratio: float = Field(1.0, ge=0, le=1, description=(
+        "share of new traces sampled; a request with a traceparent follows its caller's decision"))
     access_log: bool = Field(False, description=(
         "one event per /rerank request on the rerank.access logger: request_id, status, model_version, "
-        "fallback_reason, candidates, total_ms, features_ms, batch_ms, worker_pid (probes are not logged)"))
+        "fallback_reason, candidates, total_ms, features_ms, batch_ms (queue_ms + model_ms), worker_pid (probes are "
+        "not logged)"))
 
     @field_validator("redis_url")
     @classmethod

@@ -65,6 +65,7 @@ def configure(level: str, fmt: LogFormat, stream: Any = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uv = logging.getLogger(name)
         uv.handlers.clear()
+        uv.setLevel(logging.NOTSET)  # the root's level decides (uvicorn.Config sets the same one again)
         uv.propagate = True
 
 

@@ -56,6 +56,8 @@ class Ranked:
     logits: np.ndarray  # (k,) float32
     oov_items: int
     version: str  # the model version that ranked it
+    started: float = 0.0  # when its batch's model call began (time.monotonic), set by the batch function
+    run_s: float = 0.0  # how long that call took (the whole batch's)
 
 
 def resolve_providers(choice: str) -> list[str]:

@@ -74,6 +74,7 @@ def test_a_real_service_logs_json_and_one_access_event_per_request(model_root: P
     ok = next(x for x in access if x["request_id"] == "follow-me")
     assert ok["status"] == 200 and ok["model_version"] == "tiny-v1" and ok["fallback_reason"] is None
     assert ok["total_ms"] >= ok["features_ms"] + ok["batch_ms"] > 0 and ok["worker_pid"] == ok["pid"]
+    assert ok["batch_ms"] >= ok["queue_ms"] + ok["model_ms"] - 0.01 and ok["model_ms"] > 0
     assert ok["candidates"] == len(row["request"]["candidates"])
     refused = [x for x in access if x["status"] == 422]
     assert len(access) == 2 and refused[0]["error"] == "invalid_request"
