@@ -4,14 +4,23 @@
 #   docker build -t dnr-rerank .                                  # CPU (onnxruntime)
 #   docker build --build-arg RUNTIME=gpu -t dnr-rerank:gpu .      # CUDA 13 + cuDNN 9 (onnxruntime-gpu)
 #   docker build --target baked -t dnr-rerank:baked .             # also copies ./models into /models
+#   docker build --target model --build-arg MODEL_VERSION=V -t dnr-rerank-model:V .   # models/V alone, no service
 #
-# Without the baked target, mount a model folder read-only at /models (deploy/docker-compose.yml does).
+# Without the baked target, mount a model folder read-only at /models (deploy/docker-compose.yml does), or copy one
+# in from a model image before the service starts (deploy/k8s/deployment.yaml's init container does).
 ARG RUNTIME=cpu
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 # onnxruntime-gpu 1.31.1 from PyPI is built for CUDA 13: its CUDA provider links libcublas.so.13 and
 # libcudart.so.13 (readelf), and it ran on an H200 with CUDA 13.0 and cuDNN 9 (reports/gpu.md). On a CUDA 12
 # image the provider fails to load and the service runs on CPU. Needs an NVIDIA driver >= 580.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+
+# One model version and a shell to copy it with: Kubernetes' init container copies /models/V into the pod's model
+# volume, so a new version rolls out by changing this image's tag, with no service image rebuilt.
+FROM busybox:1.37.0 AS model
+ARG MODEL_VERSION
+COPY --chown=10001:10001 models/${MODEL_VERSION}/ /models/${MODEL_VERSION}/
+USER 10001
 
 FROM ${PYTHON_IMAGE} AS cpu-base
 ENV VENV=/opt/venv

@@ -34,9 +34,10 @@ def load_yaml(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def k8s(kind: str) -> dict[str, Any]:
-    docs = [d for p in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in load_yaml(p) if d["kind"] == kind]
-    assert len(docs) == 1, f"expected one {kind}, found {len(docs)}"
+def k8s(kind: str, name: str = "dnr-rerank") -> dict[str, Any]:
+    docs = [d for p in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in load_yaml(p)
+            if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(docs) == 1, f"expected one {kind} {name}, found {len(docs)}"
     return docs[0]
 
 
@@ -197,6 +198,39 @@ def test_k8s_deployment_probes_ports_and_termination() -> None:
     target = k8s("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert k8s("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2  # the PDB can then allow one down
+
+
+def test_k8s_model_comes_from_a_model_image_through_the_init_container() -> None:
+    deployment = k8s("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    model_dir = k8s("ConfigMap")["data"]["RERANK_MODEL_DIR"]
+    into = next(m for m in init["volumeMounts"])
+    served = next(m for m in container["volumeMounts"] if m["name"] == into["name"])
+    assert served["mountPath"] == model_dir and served.get("readOnly") is True
+    assert init["command"][:2] == ["cp", "-R"] and init["command"][-1].rstrip("/") == into["mountPath"]
+    assert init["image"].startswith("dnr-rerank-model:") and not container["image"].endswith(":baked")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == into["name"])
+    # The image the init container copies from: the Dockerfile's model stage puts one version under /models.
+    stage = re.search(r"^FROM \S+ AS model\n(.*?)(?=^FROM |\Z)", (ROOT / "Dockerfile").read_text(), re.M | re.S)
+    assert stage and re.search(r"^COPY .* models/\$\{MODEL_VERSION\}/ /models/\$\{MODEL_VERSION\}/$", stage.group(1),
+                               re.M)
+    assert init["command"][2] == "/models/."
+    # A rollout is readiness-gated and never takes a serving pod away first.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_k8s_autoscales_on_cpu_and_the_queue_depth_the_service_exports() -> None:
+    metrics = k8s("HorizontalPodAutoscaler")["spec"]["metrics"]
+    pods = [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"]
+    assert pods == ["rerank_queue_depth"] and set(pods) <= exported_samples()
+    assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
+    adapter = yaml.safe_load(k8s("ConfigMap", "prometheus-adapter-dnr-rerank")["data"]["config.yaml"])
+    assert {r["name"]["as"] for r in adapter["rules"]} == set(pods)
+    assert all(re.match(r"rerank_[a-z_]+", r["seriesQuery"]).group(0) in exported_samples()  # type: ignore[union-attr]
+               for r in adapter["rules"])
 
 
 def test_the_docs_name_only_real_settings_and_env_example_lists_every_one() -> None:
