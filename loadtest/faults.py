@@ -1,11 +1,14 @@
 """The fault suite: the real service and a real Redis on loopback, load from a second process, one fault each.
 
     python -m loadtest.faults                       # every scenario -> reports/reliability.{md,json} (< 10 min)
-    python -m loadtest.faults --quick               # the CI subset, shorter: hostile, redis_kill, reload, slow_body
+    python -m loadtest.faults --quick               # the CI subset, shorter: hostile, redis_kill, sentinel_failover,
+                                                    # reload, slow_body
     python -m loadtest.faults --only overload,sigterm --out build/faults
 
 Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during / after the fault, checks):
     redis_kill  Redis killed under load, then restarted: no failed request, breaker opens and closes, Redis refills
+    sentinel_failover  the Sentinel-managed master killed under load: no failed request, the replica promoted,
+                features from Redis again after the failover
     slow_redis  Redis replies delayed 200 ms by a proxy: latency bounded by the Redis timeout and the breaker
     overload    service pinned to one core, load to another; 2x and 4x the pinned peak, open loop: goodput >= 90%
                 of peak and 429 p99 <= 10 ms in every round, Retry-After, no late start, no model answer after
@@ -48,7 +51,7 @@ import numpy as np
 from loadtest.client import ADMIN_TOKEN, Load, Record, get, post, send
 from loadtest.faults_report import write_report
 from loadtest.heldout import newest_heldout
-from loadtest.procs import DelayProxy, RedisServer, ServiceProcess, load_features, rss_mb
+from loadtest.procs import DelayProxy, RedisSentinelServers, RedisServer, ServiceProcess, load_features, rss_mb
 from loadtest.scrape import Sampler, metric
 from service.config import usable_cores
 
@@ -151,6 +154,44 @@ def redis_kill(env: Env) -> Result:
                             "redis_keys_after": refilled})
     finally:
         redis.stop()
+    return res
+
+
+def sentinel_failover(env: Env) -> Result:
+    """A master with a replica behind one sentinel; the master killed under load. Every request is answered from the
+    snapshot while the breaker is open, and once the sentinel has promoted the replica, features come from Redis
+    again (the promoted replica holds the master's keys)."""
+    phase = 3.0 if env.quick else 8.0
+    res = Result("sentinel_failover")
+    servers = RedisSentinelServers(env.work / "sentinel", REDIS_PASSWORD).start()
+    load_features(servers.url, env.service_env())
+    try:
+        settings = _redis_env(servers.master) | {"RERANK_REDIS_URL": servers.url}
+        with ServiceProcess(env.service_env(**settings), env.work / "sentinel_failover.log") as svc:
+            load = Load(svc.url, env.models)
+            time.sleep(phase)
+            res.marks["fault"] = time.monotonic()
+            servers.fail_master()
+            promoted = servers.wait_failover()
+            res.marks["recovered"] = time.monotonic()
+            from_redis = metric(svc.url, "rerank_feature_lookups_total", source="redis")
+            time.sleep(phase)
+            from_redis_after = metric(svc.url, "rerank_feature_lookups_total", source="redis") - from_redis
+            res.records = load.stop()
+            errors = metric(svc.url, "rerank_redis_errors_total")
+            answered_after = sum(r.status == 200 for r in res.records if r.sent >= res.marks["recovered"])
+        s = res.summary()
+        res.check("no failed request", s["failed"] == 0)
+        res.check("no fallback answer", s["fallbacks"] == 0)
+        res.check("the sentinel promoted the replica", promoted == servers.replica.port)
+        res.check("the lost master was noticed (Redis errors counted)", errors > 0)
+        res.check("features from Redis again after the failover (most lookups)",
+                  from_redis_after > 0.5 * answered_after)
+        res.figures.update({"failover_s": round(res.marks["recovered"] - res.marks["fault"], 2),
+                            "redis_errors": int(errors), "lookups_from_redis_after": int(from_redis_after),
+                            "answered_after": answered_after})
+    finally:
+        servers.stop()
     return res
 
 
@@ -568,11 +609,12 @@ def hostile(env: Env) -> Result:
     return res
 
 
-SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "slow_redis": slow_redis,
+SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "sentinel_failover": sentinel_failover,
+                                                  "slow_redis": slow_redis,
                                                   "overload": overload, "overload_unpinned": overload_unpinned,
                                                   "slow_body": slow_body, "reload": reload,
                                                   "sigterm": sigterm, "hostile": hostile}
-QUICK = ("hostile", "redis_kill", "reload", "slow_body")
+QUICK = ("hostile", "redis_kill", "sentinel_failover", "reload", "slow_body")
 
 
 def run(names: list[str], models: Path, quick: bool, workers: int = 1, checkout: Path | None = None

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 from service.config import default_workers
 
 
@@ -27,6 +30,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (it plus 10,000) is free and valid too, as a Redis Cluster
+    node needs; an ephemeral port above 55,535 has no bus port."""
+    for port in random.sample(range(20_000, 30_000), 200):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
@@ -65,10 +82,11 @@ def load_features(redis_url: str, env: dict[str, str]) -> None:
 class RedisServer:
     """A real redis-server on a free loopback port; stop() and start() again on the same port."""
 
-    def __init__(self, folder: Path, password: str = "") -> None:
-        self.port = free_port()
+    def __init__(self, folder: Path, password: str = "", args: list[str] | None = None, port: int = 0) -> None:
+        self.port = port or free_port()
         self.folder = folder
         self.password = password
+        self.args = args or []  # more redis-server options (cluster mode, replicaof, ...)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,8 +100,8 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self.folder), "--enable-debug-command", "yes"]
         if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        self.proc = subprocess.Popen([*args, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -101,6 +119,140 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def redis_client(port: int, password: str = "") -> redis.Redis:
+    """A synchronous client for the harness's own checks (never the service's)."""
+    return redis.Redis(host="127.0.0.1", port=port, password=password or None, socket_timeout=2)
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError):
+            if check():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not after {timeout_s:.0f} s")
+
+
+class RedisClusterServers:
+    """A real three-master Redis Cluster on loopback (``redis-cli --cluster create``), no replicas."""
+
+    def __init__(self, folder: Path, password: str = "", masters: int = 3) -> None:
+        self.password = password
+        self.nodes = []
+        for i in range(masters):
+            (folder / f"cluster-{i}").mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(folder / f"cluster-{i}", password, [
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf", "--cluster-node-timeout",
+                "2000"], port=free_cluster_port()))
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisClusterServers:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        subprocess.run(["redis-cli", *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for node in self.nodes:
+            client = redis_client(node.port, self.password)
+            wait_for(lambda c=client: c.execute_command("CLUSTER INFO").get("cluster_state") == "ok", 30,
+                     "cluster state ok")
+
+    def keys_per_node(self) -> list[int]:
+        return [int(redis_client(n.port, self.password).dbsize()) for n in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinelServers:
+    """A real master, one replica and one sentinel (quorum 1) on loopback; ``fail_master`` kills the master, and
+    the sentinel promotes the replica about ``down_after_ms`` later."""
+
+    MASTER = "rerank"
+
+    def __init__(self, folder: Path, password: str = "", down_after_ms: int = 1000) -> None:
+        self.folder, self.password, self.down_after_ms = folder, password, down_after_ms
+        (folder / "master").mkdir(parents=True, exist_ok=True)
+        (folder / "replica").mkdir(parents=True, exist_ok=True)
+        self.master = RedisServer(folder / "master", password)
+        self.replica = RedisServer(folder / "replica", password, ["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinel_port = free_port()
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.sentinel_port}/{self.MASTER}/0"
+
+    def master_port(self) -> int:
+        """The port of the master the sentinel reports now."""
+        reply = redis_client(self.sentinel_port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+        return int(reply[1])
+
+    def start(self) -> RedisSentinelServers:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        replica = redis_client(self.replica.port, self.password)
+        wait_for(lambda: replica.info("replication").get("master_link_status") == "up", 30,
+                 "replica linked")
+        conf = self.folder / "sentinel.conf"  # the sentinel rewrites it: a writable file of its own
+        lines = [f"port {self.sentinel_port}", "bind 127.0.0.1", f"dir {self.folder}",
+                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 1",
+                 f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}",
+                 f"sentinel failover-timeout {self.MASTER} 5000"]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.MASTER} {self.password}")
+        conf.write_text("\n".join(lines) + "\n")
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: `make test` installs it (see the Makefile)"
+        self.sentinel = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        sentinel = redis_client(self.sentinel_port)
+        wait_for(lambda: len(sentinel.execute_command("SENTINEL", "REPLICAS", self.MASTER)) == 1, 30,
+                 "sentinel sees the replica")
+
+    def fail_master(self) -> None:
+        self.master.stop()
+
+    def wait_failover(self, timeout_s: float = 30) -> int:
+        """The promoted replica's port, once the sentinel reports it and it accepts writes."""
+        wait_for(lambda: self.master_port() == self.replica.port, timeout_s, "failover")
+        replica = redis_client(self.replica.port, self.password)
+        wait_for(lambda: replica.info("replication").get("role") == "master", timeout_s,
+                 "replica promoted")
+        return self.replica.port
+
+    def stop(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.kill()
+            self.sentinel.wait()
+            self.sentinel = None
+        self.replica.stop()
+        self.master.stop()
 
 
 def child_pids(pid: int) -> list[int]:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service import redis_url
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RERANK_", env_file=".env", extra="ignore", protected_namespaces=(),
@@ -80,7 +82,10 @@ class Settings(BaseSettings):
         "a /rerank body must arrive within this long, else 408; a request holds no admission slot meanwhile"))
 
     # --- features
-    redis_url: str = Field("", description="redis://[:password@]host:port/db or rediss:// for TLS; empty = no Redis")
+    redis_url: str = Field("", description=(
+        "redis://[:password@]host:port/db (rediss:// for TLS); redis+cluster://[:password@]host:port[,host:port...] "
+        "for a Redis Cluster; redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db] for the master "
+        "Sentinel reports; empty = no Redis"))
     redis_timeout_ms: float = Field(20.0, gt=0, description="per Redis call, then the feature falls back")
     redis_pool_size: int = Field(32, ge=1, description="Redis connections per process")
     feature_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of feature keys written to Redis")
@@ -116,9 +121,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"'{value}' is not a redis://, rediss:// or unix:// URL")
-        return value
+        return redis_url.check(value)
 
     @model_validator(mode="after")
     def _ranges(self) -> Settings:

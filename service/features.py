@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from service.model import COLD_START, UserFeatures
+from service.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES, parse_multi_host
 
 log = logging.getLogger("rerank.features")
 
@@ -224,8 +227,22 @@ async def load_into_redis(client: aioredis.Redis, users: Iterable[tuple[str, Use
 
 
 def make_redis(url: str, pool_size: int, timeout_ms: float) -> aioredis.Redis:
-    """An async client with a bounded pool; password and TLS come from the URL (redis://:pw@, rediss://)."""
+    """An async client with a bounded pool for the URL's topology (``service/redis_url.py``); password and TLS come
+    from the URL (redis://:pw@, rediss://). A Cluster client follows MOVED and ASK redirections; a Sentinel client
+    asks the sentinels for the current master whenever a connection to it fails, so after a failover the next
+    lookup the breaker lets through reaches the promoted replica."""
     timeout_s = timeout_ms / 1000.0
-    client: Any = aioredis.Redis.from_url(url, max_connections=pool_size, socket_timeout=timeout_s,
-                                          socket_connect_timeout=timeout_s, health_check_interval=0)
+    common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    client: Any
+    if url.startswith(CLUSTER_SCHEMES):
+        target = parse_multi_host(url)
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], password=target.password,
+                              ssl=target.tls, max_connections=pool_size, **common)
+    elif url.startswith(SENTINEL_SCHEMES):
+        target = parse_multi_host(url)
+        sentinel = Sentinel(target.nodes, sentinel_kwargs=common, password=target.password, ssl=target.tls,
+                            db=target.db, max_connections=pool_size, **common)
+        client = sentinel.master_for(target.service)
+    else:
+        client = aioredis.Redis.from_url(url, max_connections=pool_size, health_check_interval=0, **common)
     return client  # type: ignore[no-any-return]

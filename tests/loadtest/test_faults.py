@@ -1,5 +1,5 @@
-"""The fault suite's fast scenarios, in CI: hostile input, a short Redis kill/restart, a short reload series and
-slow senders.
+"""The fault suite's fast scenarios, in CI: hostile input, a short Redis kill/restart, a Sentinel failover, a short
+reload series and slow senders.
 
 Each runs the real `python -m service` process and a real redis-server, with load from a second process;
 ``make faults`` runs all seven at full length and writes reports/reliability.md.

@@ -1,0 +1,98 @@
+"""User features from a Redis Cluster and from a master found through Sentinel, against real redis-server processes
+the test starts: keys spread over three masters, and a master failover that no lookup notices but the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from loadtest.procs import RedisClusterServers, RedisSentinelServers
+from service.features import CircuitBreaker, FeatureStore, load_into_redis, make_redis
+from service.model import UserFeatures
+from service.redis_url import check, parse_multi_host
+
+USERS = [(f"u{i}", UserFeatures({"age": str(i % 7)}, (f"i{i}", f"i{i + 1}"))) for i in range(300)]
+PASSWORD = "topology-password"
+
+
+def store(url: str) -> FeatureStore:
+    """No in-process cache: every lookup asks Redis, so the topology's behaviour shows."""
+    return FeatureStore(make_redis(url, 8, 100), timeout_ms=100, ttl_s=600, cache_size=0, cache_ttl_s=0,
+                        breaker=CircuitBreaker(3, 0.5))
+
+
+def test_multi_host_urls_parse_and_bad_ones_are_refused() -> None:
+    t = parse_multi_host("redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26380/rerank/2")
+    assert t.nodes == [("10.0.0.1", 26379), ("10.0.0.2", 26380)] and t.password == "p@ss"
+    assert (t.service, t.db, t.tls) == ("rerank", 2, False)
+    c = parse_multi_host("rediss+cluster://h1:7000,h2:7001")
+    assert c.nodes == [("h1", 7000), ("h2", 7001)] and c.tls and c.password is None
+    for bad, why in (("redis+sentinel://h:26379", "names no master"), ("redis+cluster://h1:7000,h2", "host:port"),
+                     ("http://h:1", "is not a")):
+        with pytest.raises(ValueError, match=why):
+            check(bad)
+
+
+@pytest.mark.slow
+def test_features_from_a_three_master_cluster(tmp_path: Path) -> None:
+    cluster = RedisClusterServers(tmp_path, PASSWORD).start()
+    try:
+        async def run() -> list[str]:
+            client = make_redis(cluster.url, 8, 500)
+            assert await load_into_redis(client, USERS, ttl_s=600) == len(USERS)
+            await client.aclose()
+            features = store(cluster.url)
+            got = [await features.get(user) for user, _ in USERS]
+            await features.close()
+            assert [f for f, _, _ in got] == [f for _, f in USERS]
+            return [source for _, source, _ in got]
+
+        sources = asyncio.run(run())
+        assert set(sources) == {"redis"}
+        assert all(n > 0 for n in cluster.keys_per_node()) and sum(cluster.keys_per_node()) == len(USERS)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redis(tmp_path: Path) -> None:
+    servers = RedisSentinelServers(tmp_path, PASSWORD).start()
+    try:
+        async def run() -> list[tuple[float, str]]:
+            client = make_redis(servers.url, 8, 500)
+            await load_into_redis(client, USERS, ttl_s=600)
+            await client.aclose()
+            features = store(servers.url)
+            features.set_snapshot(dict(USERS))
+            seen: list[tuple[float, str]] = []
+            failed_over_at = 0.0
+            t0 = time.monotonic()
+            for i in range(100_000):
+                now = time.monotonic() - t0
+                if now > 0.5 and servers.master.proc is not None:
+                    servers.fail_master()
+                if not failed_over_at and now > 0.6 and servers.master_port() == servers.replica.port:
+                    failed_over_at = now
+                if failed_over_at and now > failed_over_at + 4.0:
+                    break
+                user, expected = USERS[i % len(USERS)]
+                got, source, _ = await features.get(user)  # never raises
+                assert got == expected
+                seen.append((now, source))
+                await asyncio.sleep(0.005)
+            await features.close()
+            return seen
+
+        seen = asyncio.run(run())
+        assert servers.wait_failover(1) == servers.replica.port
+        before = Counter(s for t, s in seen if t < 0.5)
+        last = Counter(s for t, s in seen[-100:])
+        assert set(before) == {"redis"}, before
+        assert "snapshot" in {s for _, s in seen}  # the outage was seen, and answered from the snapshot
+        assert set(last) == {"redis"}, last  # the promoted replica answers, with the master's keys
+    finally:
+        servers.stop()
