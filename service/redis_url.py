@@ -56,7 +56,7 @@ def parse_multi_host(url: str) -> RedisTarget:
 def check(url: str) -> str:
     """``url`` if it names a Redis this service can reach, else ValueError saying what is wrong."""
     if url and not url.startswith(SCHEMES):
-        raise ValueError(f"'{url}' is not a {', '.join(s.removesuffix('://') for s in SCHEMES)} URL")
+        raise ValueError(f"'{url}' is not a {', '.join(SCHEMES)} URL")
     if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
         parse_multi_host(url)
     return url
