@@ -44,6 +44,7 @@ from service.admission import UNREAD_S, ASGIApp, Door, Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
+from service.features import connect as connect_redis
 from service.manifest import ModelError
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Job, Ranked, RerankModel, find_version
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from service.tracing import Tracing
 
 log = logging.getLogger("rerank.app")
+STARTUP_REDIS_S = 2.0  # how long start-up waits for Redis's first answer before serving without it
 access_log = logging.getLogger(logs.ACCESS)
 Reloader = Callable[[str], Coroutine[Any, Any, dict[str, Any]]]  # version -> this worker's reload result
 
@@ -206,6 +208,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = None
     if settings.redis_url:
         client = make_redis(settings.redis_url, settings.redis_pool_size, settings.redis_timeout_ms)
+        await connect_redis(client, STARTUP_REDIS_S)
         log.info("user features: local cache -> Redis -> snapshot")
     else:
         log.warning("RERANK_REDIS_URL is empty: user features come from the in-process cache and the "

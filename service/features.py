@@ -226,6 +226,19 @@ async def load_into_redis(client: aioredis.Redis, users: Iterable[tuple[str, Use
     return written
 
 
+async def connect(client: aioredis.Redis, timeout_s: float) -> bool:
+    """Reach Redis once before serving, so the first lookups do not pay for it: a Cluster client learns the slot
+    map, a Sentinel client finds the master, a plain one opens its first connection. False (and nothing raised)
+    when it does not answer in ``timeout_s``: the breaker takes it from there."""
+    try:
+        await asyncio.wait_for(client.ping(), timeout_s)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("Redis did not answer a PING at start-up (%r): lookups fall back to the snapshot until it does",
+                    exc)
+        return False
+    return True
+
+
 def make_redis(url: str, pool_size: int, timeout_ms: float) -> aioredis.Redis:
     """An async client with a bounded pool for the URL's topology (``service/redis_url.py``); password and TLS come
     from the URL (redis://:pw@, rediss://). A Cluster client follows MOVED and ASK redirections; a Sentinel client

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.procs import RedisClusterServers, RedisSentinelServers
-from service.features import CircuitBreaker, FeatureStore, load_into_redis, make_redis
+from loadtest.procs import RedisClusterServers, RedisSentinelServers, free_port
+from service.features import CircuitBreaker, FeatureStore, connect, load_into_redis, make_redis
 from service.model import UserFeatures
 from service.redis_url import check, parse_multi_host
 
@@ -19,9 +19,12 @@ USERS = [(f"u{i}", UserFeatures({"age": str(i % 7)}, (f"i{i}", f"i{i + 1}"))) fo
 PASSWORD = "topology-password"
 
 
-def store(url: str) -> FeatureStore:
-    """No in-process cache: every lookup asks Redis, so the topology's behaviour shows."""
-    return FeatureStore(make_redis(url, 8, 100), timeout_ms=100, ttl_s=600, cache_size=0, cache_ttl_s=0,
+async def store(url: str) -> FeatureStore:
+    """No in-process cache: every lookup asks Redis, so the topology's behaviour shows. Connected first, as the
+    service's start-up does; a generous timeout, since a loaded CI machine is not what these tests measure."""
+    client = make_redis(url, 8, 500)
+    assert await connect(client, 10)
+    return FeatureStore(client, timeout_ms=500, ttl_s=600, cache_size=0, cache_ttl_s=0,
                         breaker=CircuitBreaker(3, 0.5))
 
 
@@ -45,7 +48,7 @@ def test_features_from_a_three_master_cluster(tmp_path: Path) -> None:
             client = make_redis(cluster.url, 8, 500)
             assert await load_into_redis(client, USERS, ttl_s=600) == len(USERS)
             await client.aclose()
-            features = store(cluster.url)
+            features = await store(cluster.url)
             got = [await features.get(user) for user, _ in USERS]
             await features.close()
             assert [f for f, _, _ in got] == [f for _, f in USERS]
@@ -66,7 +69,7 @@ def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redi
             client = make_redis(servers.url, 8, 500)
             await load_into_redis(client, USERS, ttl_s=600)
             await client.aclose()
-            features = store(servers.url)
+            features = await store(servers.url)
             features.set_snapshot(dict(USERS))
             seen: list[tuple[float, str]] = []
             failed_over_at = 0.0
@@ -96,3 +99,14 @@ def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redi
         assert set(last) == {"redis"}, last  # the promoted replica answers, with the master's keys
     finally:
         servers.stop()
+
+
+def test_connect_says_when_redis_does_not_answer_and_raises_nothing() -> None:
+    async def run() -> bool:
+        client = make_redis(f"redis://127.0.0.1:{free_port()}/0", 1, 50)  # nothing listens there
+        try:
+            return await connect(client, 1.0)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) is False
