@@ -10,6 +10,7 @@
     python -m training capacity --variant prm --capacities 64x1,128x2   # N@6 beside CPU cost, fp32 and int8
     python -m training pipeline --dataset ml1m --path ~/data/ml-1m
     python -m training pipeline --dataset table --path ratings.parquet --users users.csv --items items.csv
+    python -m training stats --dataset table --path ml-20m/ratings.csv --columns userId=user_id,movieId=item_id
 
 Every flag has a --help; config dataclasses are filled from the flags, never from dicts.
 """
@@ -42,6 +43,9 @@ class DataConfig:
         "help": "ml1m: folder with ratings.dat/users.dat/movies.dat; table: the ratings CSV or Parquet"})
     users: Path | None = field(default=None, metadata={"help": "table: optional user side-feature file"})
     items: Path | None = field(default=None, metadata={"help": "table: optional item side-feature file"})
+    columns: str = field(default="", metadata={
+        "help": "table: SOURCE=TARGET renames applied to every file before its columns are checked, "
+                "comma-separated (MovieLens-20M: userId=user_id,movieId=item_id)"})
     core: int = field(default=20, metadata={"help": "iterative k-core filter on users and items"})
     history_len: int = field(default=30, metadata={"help": "history items per user state"})
 
@@ -102,7 +106,7 @@ def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:
 
 
 def load_dataset(cfg: DataConfig) -> data.Dataset:
-    ratings = data.load(cfg.dataset, cfg.path, cfg.users, cfg.items)
+    ratings = data.load(cfg.dataset, cfg.path, cfg.users, cfg.items, data.parse_columns(cfg.columns))
     return data.prepare(ratings, core=cfg.core, history_len=cfg.history_len)
 
 

@@ -55,7 +55,32 @@ def _read_table(path: Path, **kwargs: object) -> pd.DataFrame:
 def _require(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} "
+                        f"(map other names with --columns SOURCE=TARGET, e.g. userId=user_id)")
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """``--columns userId=user_id,movieId=item_id`` as {source: target}; empty for an empty spec."""
+    mapping: dict[str, str] = {}
+    for pair in (p.strip() for p in spec.split(",") if p.strip()):
+        source, sep, target = (x.strip() for x in pair.partition("="))
+        if not sep or not source or not target:
+            raise DataError(f"--columns: '{pair}' is not SOURCE=TARGET (e.g. userId=user_id)")
+        if source in mapping:
+            raise DataError(f"--columns: '{source}' is mapped twice")
+        if target in mapping.values():
+            raise DataError(f"--columns: two columns are mapped to '{target}'")
+        mapping[source] = target
+    return mapping
+
+
+def _renamed(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    """``df`` with ``columns``' sources renamed; a target that is already a column of the file is refused."""
+    present = {s: t for s, t in columns.items() if s in df.columns}
+    clash = [t for s, t in present.items() if t in df.columns and t not in present]
+    if clash:
+        raise DataError(f"{path}: --columns maps onto {clash}, which the file already has")
+    return df.rename(columns=present)
 
 
 def _clean_interactions(df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -162,21 +187,29 @@ def load_ml1m(folder: Path) -> Ratings:
                    _side_table(items, folder / "movies.dat", "item_id"))
 
 
-def load_table(ratings: Path, users: Path | None = None, items: Path | None = None) -> Ratings:
-    """Any ratings table (CSV or Parquet) with user_id, item_id, rating, timestamp.
+def load_table(ratings: Path, users: Path | None = None, items: Path | None = None,
+               columns: dict[str, str] | None = None) -> Ratings:
+    """Any ratings table (CSV or Parquet) with user_id, item_id, rating, timestamp, after renaming ``columns``
+    ({source: target}, e.g. MovieLens-20M's {"userId": "user_id", "movieId": "item_id"}) in every file.
 
     Optional side tables: ``users`` keyed by user_id, ``items`` keyed by item_id; every other column is a
-    categorical feature, and item values holding ``|`` are multi-valued.
+    categorical feature, and item values holding ``|`` are multi-valued. A mapped column no file has is an error.
     """
-    inter = _clean_interactions(_read_table(ratings), ratings)
-    user_df = _side_table(_read_table(users), users, "user_id") if users else None
-    item_df = _side_table(_read_table(items), items, "item_id") if items else None
+    columns = columns or {}
+    files = {path: _read_table(path) for path in (ratings, users, items) if path}
+    unused = [s for s in columns if not any(s in df.columns for df in files.values())]
+    if unused:
+        raise DataError(f"--columns names {unused}, a column of none of {[str(p) for p in files]}")
+    renamed = {path: _renamed(df, path, columns) for path, df in files.items()}
+    inter = _clean_interactions(renamed[ratings], ratings)
+    user_df = _side_table(renamed[users], users, "user_id") if users else None
+    item_df = _side_table(renamed[items], items, "item_id") if items else None
     return Ratings(ratings.stem, inter, user_df, item_df)
 
 
 def load(name: str, path: Path | None = None, users: Path | None = None,
-         items: Path | None = None) -> Ratings:
-    """Dispatch by dataset name: ``ml100k``, ``ml1m`` (folder) or ``table`` (ratings file)."""
+         items: Path | None = None, columns: dict[str, str] | None = None) -> Ratings:
+    """Dispatch by dataset name: ``ml100k``, ``ml1m`` (folder) or ``table`` (ratings file, ``columns`` renamed)."""
     if name == "ml100k":
         return load_ml100k(path)
     if name == "ml1m":
@@ -186,7 +219,7 @@ def load(name: str, path: Path | None = None, users: Path | None = None,
     if name == "table":
         if path is None:
             raise DataError("table: pass the ratings CSV or Parquet file")
-        return load_table(path, users, items)
+        return load_table(path, users, items, columns)
     raise DataError(f"unknown dataset {name!r}; expected ml100k, ml1m or table")
 
 

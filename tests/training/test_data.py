@@ -89,6 +89,46 @@ def test_parquet_table(tmp_path: Path, synthetic_files: tuple[Path, Path, Path])
     assert ratings.users is None and ratings.items is None
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_columns_map_other_names_in_every_file(tmp_path: Path, synthetic_files: tuple[Path, Path, Path],
+                                                fmt: str) -> None:
+    """MovieLens-20M's names (userId, movieId) read through --columns give what the renamed files give."""
+    mapping = data.parse_columns("userId=user_id, movieId=item_id")
+    back = {t: s for s, t in mapping.items()}
+    paths = []
+    for i, source in enumerate(synthetic_files):
+        df = pd.read_csv(source, dtype=str).rename(columns=back)
+        path = tmp_path / f"t{i}.{fmt}"
+        df.to_parquet(path) if fmt == "parquet" else df.to_csv(path, index=False)
+        paths.append(path)
+    got = data.load_table(*paths, columns=mapping)
+    want = data.load_table(*synthetic_files)
+    pd.testing.assert_frame_equal(got.interactions, want.interactions)
+    assert got.users is not None and want.users is not None and list(got.users.columns) == list(want.users.columns)
+    assert got.items is not None and want.items is not None and list(got.items.columns) == list(want.items.columns)
+    with pytest.raises(data.DataError, match=r"t0\.\w+: missing column\(s\) \['user_id', 'item_id'\]; found "
+                                             r"\['userId', 'movieId'.*--columns SOURCE=TARGET"):
+        data.load_table(paths[0])  # without the mapping: names the file, the columns and the fix
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("userId", "'userId' is not SOURCE=TARGET"), ("userId=", "'userId=' is not SOURCE=TARGET"),
+     ("a=user_id,b=user_id", "two columns are mapped to 'user_id'"), ("a=x,a=y", "'a' is mapped twice")],
+)
+def test_malformed_columns_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(data.DataError, match=message):
+        data.parse_columns(spec)
+
+
+def test_a_mapped_column_no_file_has_or_a_clash_is_named(tmp_path: Path,
+                                                         synthetic_files: tuple[Path, Path, Path]) -> None:
+    with pytest.raises(data.DataError, match=r"--columns names \['usr'\], a column of none of .*ratings\.csv"):
+        data.load_table(synthetic_files[0], columns={"usr": "user_id"})
+    with pytest.raises(data.DataError, match=r"ratings\.csv: --columns maps onto \['user_id'\], which the file"):
+        data.load_table(synthetic_files[0], columns={"item_id": "user_id"})
+
+
 def test_ml1m_folder(tmp_path: Path) -> None:
     (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::11::2::978300761\n", encoding="latin-1")
     (tmp_path / "users.dat").write_text("1::F::1::10::48067\n", encoding="latin-1")
