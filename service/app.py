@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import errors, logs
+from service import errors, logs, request_log
 from service.admission import UNREAD_S, ASGIApp, Door, Gate
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
@@ -48,6 +48,7 @@ from service.features import connect as connect_redis
 from service.manifest import ModelError
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Job, Ranked, RerankModel, find_version
+from service.request_log import RequestLog
 from service.schemas import ErrorBody, FallbackReason, RerankRequest, RerankResponse, check_request, parse_request
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Service:
     runtime: Runtime | None = None
     draining: bool = False
     tracing: Tracing | None = None  # RERANK_TRACING (service/tracing.py); None: off, and OpenTelemetry never imported
+    request_log: RequestLog | None = None  # RERANK_REQUEST_LOG_DIR (service/request_log.py); None: off
 
 
 def service_of(request_or_app: Request | FastAPI) -> Service:
@@ -240,6 +242,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await features.close()
         if svc.tracing is not None:
             await asyncio.to_thread(svc.tracing.shutdown)
+        if svc.request_log is not None:
+            await asyncio.to_thread(svc.request_log.close)
         svc.runtime = None
         log.info("drained and stopped")
 
@@ -321,6 +325,19 @@ async def rerank(request: Request) -> Response:
     if svc.tracing is not None:
         trace_answer(svc.tracing, request, started, ended, answer)
     return answer.response
+
+
+def log_request(svc: Service, req: RerankRequest, k: int, version: str, items: list[dict[str, Any]],
+                reason: str | None) -> None:
+    """The request and its answer to the request log, if on and this request is sampled; never waits."""
+    rlog = svc.request_log
+    if rlog is None or not rlog.sampled():
+        return
+    entry = request_log.record(req.request_id, req.user_id, version, k,
+                               [(c.item_id, c.score) for c in req.candidates], [i["item_id"] for i in items], reason,
+                               time.time())
+    if not rlog.offer(entry):
+        svc.metrics.request_log_dropped.inc()
 
 
 def trace_answer(tracing: Tracing, request: Request, started: float, ended: float, answer: Answer) -> None:
@@ -422,8 +439,10 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
     batch_s = time.monotonic() - t_batch
     if ranked is None:
         metrics.fallbacks.labels(reason=reason).inc()
-        body = {"request_id": req.request_id, "model_version": model.version, "items": fallback_items(req, k),
+        in_order = fallback_items(req, k)
+        body = {"request_id": req.request_id, "model_version": model.version, "items": in_order,
                 "fallback": True, "fallback_reason": reason}
+        log_request(svc, req, k, model.version, in_order, reason)
         return Answer(json_response(body), reason == "deadline", req.request_id, model.version, reason,
                       len(req.candidates), t_feat, t_batch, t_batch + batch_s, None)
     if ranked.oov_items:
@@ -432,6 +451,7 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
              for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
     response = json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
                               "fallback": False, "fallback_reason": None})
+    log_request(svc, req, k, ranked.version, items, None)
     return Answer(response, False, req.request_id, ranked.version, None, len(req.candidates), t_feat, t_batch,
                   t_batch + batch_s, ranked)
 
@@ -628,7 +648,11 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None, tra
     app = FastAPI(title="DNR reranking service", version="0.1.0", lifespan=lifespan,
                   description="Reranks a retriever's candidates with a Denoising Neural Reranker.",
                   telemetry={"tracing": False, "metrics": False, "logs": False})
-    app.state.service = Service(settings, metrics, gate, peers, tracing=tracing)
+    request_log = None
+    if settings.request_log_dir:
+        request_log = RequestLog(Path(settings.request_log_dir), settings.request_log_sample,
+                                 int(settings.request_log_max_mb * 1024 * 1024), settings.request_log_keep)
+    app.state.service = Service(settings, metrics, gate, peers, tracing=tracing, request_log=request_log)
     install_error_handlers(app)
     install_openapi(app)
     app.router.routes.insert(0, Route("/rerank", rerank, methods=["POST"]))  # first: the hot path; rerank_operation()

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         "otlp = OTLP over HTTP (OTEL_EXPORTER_OTLP_ENDPOINT), console = stdout; needs pip install '.[tracing]'"))
     tracing_sample_ratio: float = Field(1.0, ge=0, le=1, description=(
         "share of new traces sampled; a request with a traceparent follows its caller's decision"))
+    request_log_dir: str = Field("", description=(
+        "folder for the sampled request log, one requests-<pid>.jsonl per process (what was asked and answered, "
+        "for training on your own traffic; README, Request log); empty = off"))
+    request_log_sample: float = Field(0.01, ge=0, le=1, description="share of /rerank requests the request log keeps")
+    request_log_max_mb: float = Field(64.0, gt=0, description="a request log file is rotated at this size")
+    request_log_keep: int = Field(4, ge=0, description="rotated request log files kept per process (.1 is newest)")
     access_log: bool = Field(False, description=(
         "one event per /rerank request on the rerank.access logger: request_id, status, model_version, "
         "fallback_reason, candidates, total_ms, features_ms, batch_ms (queue_ms + model_ms), worker_pid (probes are "

@@ -70,6 +70,9 @@ class Metrics:
                                          "in the door plus the event-loop lag before it", buckets=SECONDS, registry=r)
         self.refusal_pauses = Counter("rerank_refusal_pauses_total", "Refused connections not read for "
                                       "RERANK_REFUSAL_PAUSE_MS because refusals flooded the worker", registry=r)
+        self.request_log_dropped = Counter("rerank_request_log_dropped_total", "Sampled requests the request log "
+                                           "dropped because its writer was behind (RERANK_REQUEST_LOG_DIR)",
+                                           registry=r)
         # A gauge rather than an Info (which multiprocess mode cannot collect): 1 on the served version's labels.
         self.model_info = Gauge("rerank_model_info", "The model version being served (1)", ["providers", "version"],
                                 registry=r, multiprocess_mode="livemax")
