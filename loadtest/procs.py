@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import redis
 
@@ -136,7 +137,26 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise RuntimeError(f"{what}: not after {timeout_s:.0f} s")
 
 
-class RedisClusterServers:
+class Servers:
+    """Several processes started as one: ``start`` runs ``_start`` and, if that fails part-way, ``stop``s what had
+    started, so no server outlives a failed start."""
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class RedisClusterServers(Servers):
     """A real three-master Redis Cluster on loopback (``redis-cli --cluster create``), no replicas."""
 
     def __init__(self, folder: Path, password: str = "", masters: int = 3) -> None:
@@ -152,14 +172,6 @@ class RedisClusterServers:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
-
-    def start(self) -> RedisClusterServers:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         for node in self.nodes:
@@ -180,7 +192,7 @@ class RedisClusterServers:
             node.stop()
 
 
-class RedisSentinelServers:
+class RedisSentinelServers(Servers):
     """A real master, one replica and one sentinel (quorum 1) on loopback; ``fail_master`` kills the master, and
     the sentinel promotes the replica about ``down_after_ms`` later."""
 
@@ -204,14 +216,6 @@ class RedisSentinelServers:
         """The port of the master the sentinel reports now."""
         reply = redis_client(self.sentinel_port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
         return int(reply[1])
-
-    def start(self) -> RedisSentinelServers:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         self.master.start()
