@@ -93,7 +93,7 @@ class Service:
     peers: Peers | None = None  # set in a worker process: reloads reach every worker (service/workers.py)
     runtime: Runtime | None = None
     draining: bool = False
-    tracing: Tracing | None = None  # RERANK_TRACING (service/tracing.py); None: off, and OpenTelemetry never imported
+    tracing: Tracing | None = None  # RERANK_TRACING (service/tracing.py); None: off, and that module never imported
     request_log: RequestLog | None = None  # RERANK_REQUEST_LOG_DIR (service/request_log.py); None: off
 
 
