@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import gc
 import hmac
 import logging
@@ -123,9 +122,7 @@ def load_model(folder: Path, settings: Settings) -> tuple[RerankModel, float]:
 
 def run_batch(jobs: list[tuple[RerankModel, Job]]) -> list[Ranked]:
     """The batcher's process function. Each job carries the model that was current when it arrived; a
-    batch spanning a reload runs per model, so no request meets a vocabulary it was not checked against. Each
-    answer carries when its model call began and how long it took."""
-    started = time.monotonic()
+    batch spanning a reload runs per model, so no request meets a vocabulary it was not checked against."""
     out: list[Ranked | None] = [None] * len(jobs)
     by_model: dict[int, list[int]] = {}
     for i, (model, _) in enumerate(jobs):
@@ -134,8 +131,7 @@ def run_batch(jobs: list[tuple[RerankModel, Job]]) -> list[Ranked]:
         model = jobs[rows[0]][0]
         for row, ranked in zip(rows, model.rank([jobs[r][1] for r in rows]), strict=True):
             out[row] = ranked
-    run_s = time.monotonic() - started
-    return [dataclasses.replace(r, started=started, run_s=run_s) for r in out if r is not None]
+    return [r for r in out if r is not None]
 
 
 def freeze_heap() -> None:

@@ -56,8 +56,8 @@ class Ranked:
     logits: np.ndarray  # (k,) float32
     oov_items: int
     version: str  # the model version that ranked it
-    started: float = 0.0  # when its batch's model call began (time.monotonic), set by the batch function
-    run_s: float = 0.0  # how long that call took (the whole batch's)
+    started: float = 0.0  # when the model call that ranked it began (time.monotonic)
+    run_s: float = 0.0  # how long that call's encoding and inference took (the whole batch's)
 
 
 def resolve_providers(choice: str) -> list[str]:
@@ -160,14 +160,17 @@ class RerankModel:
         return logits
 
     def rank(self, jobs: list[Job]) -> list[Ranked]:
-        """Top-k of every job, best first; ties keep the request order."""
+        """Top-k of every job, best first; ties keep the request order. Each carries when this call began and how
+        long its encoding and inference took (the top-k after it is microseconds a list)."""
+        started = time.monotonic()
         feed, oov = self.encode(jobs)
         logits = self.infer(feed)
+        run_s = time.monotonic() - started
         out = []
         for row, job in enumerate(jobs):
             scores = logits[row, : len(job.item_ids)]
             order = np.argsort(-scores, kind="stable")[: job.k]
-            out.append(Ranked(order, scores[order], oov[row], self.version))
+            out.append(Ranked(order, scores[order], oov[row], self.version, started, run_s))
         return out
 
 
