@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,15 @@ import numpy as np
 from loadtest.client import ADMIN_TOKEN, Load, Record, get, post, send
 from loadtest.faults_report import write_report
 from loadtest.heldout import newest_heldout
-from loadtest.procs import DelayProxy, RedisSentinelServers, RedisServer, ServiceProcess, load_features, rss_mb
+from loadtest.procs import (
+    DelayProxy,
+    RedisSentinelServers,
+    RedisServer,
+    ServiceProcess,
+    load_features,
+    redis_client,
+    rss_mb,
+)
 from loadtest.scrape import Sampler, metric
 from service.config import usable_cores
 
@@ -115,15 +122,6 @@ def _redis_env(redis: RedisServer) -> dict[str, str]:
 REDIS_PASSWORD = "faults-redis-password"  # every scenario's Redis requires it: AUTH travels in the URL
 
 
-def redis_dbsize(redis: RedisServer) -> int:
-    with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
-        s.sendall(f"AUTH {redis.password}\r\nDBSIZE\r\n".encode())
-        reply = b""
-        while reply.count(b"\r\n") < 2:
-            reply += s.recv(64)
-        return int(reply.split(b"\r\n")[1].lstrip(b":"))
-
-
 def redis_kill(env: Env) -> Result:
     phase = 3.0 if env.quick else 10.0
     res = Result("redis_kill")
@@ -144,7 +142,7 @@ def redis_kill(env: Env) -> Result:
             res.records = load.stop()
             opened = [t for t, v in breaker.samples if v == 1.0]
             closed_at_end = metric(svc.url, "rerank_redis_breaker_open") == 0.0
-            refilled = redis_dbsize(redis)
+            refilled = int(redis_client(redis.port, redis.password).dbsize())
         res.check("no failed request", res.summary()["failed"] == 0)
         res.check("no fallback answer", res.summary()["fallbacks"] == 0)
         res.check("breaker opened while Redis was down", bool(opened))
