@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -362,10 +363,18 @@ def _versions(env: Env) -> dict[str, str]:
 RSS_LEVEL_MB = 10.0  # after the bad reloads, good ones in a row: RSS over the second half must stay level
 
 
+def rss_growth(rss: list[float]) -> float:
+    """Growth over the second half of an RSS series, as the median of its last quarter minus the median of its
+    second quarter: one sample moves 10-20 MiB with the allocator and the scheduler, a leak per reload moves
+    every later sample."""
+    q = max(len(rss) // 4, 3)
+    return statistics.median(rss[-q:]) - statistics.median(rss[len(rss) // 2 - q:len(rss) // 2])
+
+
 def reload(env: Env) -> Result:
     res = Result("reload")
     names = _versions(env)
-    step, reloads = (2.0, 10) if env.quick else (5.0, 20)
+    step, reloads = (2.0, 20) if env.quick else (5.0, 60)
     try:
         with ServiceProcess(env.service_env(), env.work / "reload.log") as svc:
             load = Load(svc.url, env.models)
@@ -387,10 +396,9 @@ def reload(env: Env) -> Result:
             res.records = load.stop()
             _, ready = get(f"{svc.url}/readyz")
             unauthorised, _ = post(f"{svc.url}/admin/reload", token="wrong")
-        half = len(rss) // 2
         res.figures.update({"reload_status": codes, "repeated_reload_status": sorted(repeated),
                             "rss_mb_over_reloads": [round(x, 1) for x in rss],
-                            "rss_growth_second_half_mb": round(rss[-1] - rss[half], 1)})
+                            "rss_growth_second_half_mb": round(rss_growth(rss), 1)})
         s = res.summary()
         res.check("no failed request", s["failed"] == 0 and s["fallbacks"] == 0)
         res.check("good reload accepted", codes["good"] == 200)
@@ -399,8 +407,8 @@ def reload(env: Env) -> Result:
         res.check("the good version keeps serving", ready.get("model_version") == names["good"])
         res.check("admin endpoint refuses a wrong token", unauthorised in (401, 403))
         res.check(f"{reloads} more good reloads all accepted", repeated == {200})
-        res.check(f"memory levels off over repeated reloads (second half grows < {RSS_LEVEL_MB} MiB)",
-                  rss[-1] - rss[half] < RSS_LEVEL_MB)
+        res.check(f"memory levels off over repeated reloads (second half grows < {RSS_LEVEL_MB} MiB, medians)",
+                  rss_growth(rss) < RSS_LEVEL_MB)
     finally:
         for name in names.values():
             shutil.rmtree(env.models / name, ignore_errors=True)
@@ -531,9 +539,10 @@ def slow_body(env: Env) -> Result:
     # Starved, the goodput is 0 (measured with the previous admission, which held a slot from the first byte of
     # the body). What the service may lose here is the attack's own cost on shared cores: 100 reconnects and 408s
     # a second, a trickled byte every 0.5 s per client, and the senders' own CPU on the same two cores. The quick
-    # version runs inside the test suite, beside whatever else the machine runs (a second suite made it 0.56 and
-    # 0.79): there it guards against starvation only.
-    least = 0.3 if env.quick else 0.8
+    # version runs inside the test suite, beside whatever else the machine runs: a second suite made it 0.56 and
+    # 0.79, a CI run 0.23 with its "after" phase as slow (p99 47 ms against 8 before). There it guards against
+    # starvation only, with a floor far from any timing: the throughput target lives in `make faults`.
+    least = 0.05 if env.quick else 0.8
     res.check(f"normal requests kept >= {least:.0%} of their goodput beside the slow senders", share >= least)
     res.check("no normal request refused, failed or fell back", all(r.status == 200 and not r.fallback
                                                                     for r in res.records))

@@ -36,3 +36,10 @@ def test_hostile_bodies_cover_the_issue_list() -> None:
     names = " ".join(name for name, _, _ in faults.hostile_bodies(50))
     for word in ("oversized", "nested", "huge number", "non-UTF-8", "thousands of candidates"):
         assert word in names
+
+
+def test_rss_growth_ignores_one_sample_and_sees_a_leak() -> None:
+    level = [280.0, 300.0, 285.0, 290.0, 282.0, 301.0, 284.0, 286.0, 283.0, 288.0, 305.0]  # the last sample jumps
+    assert faults.rss_growth(level) < faults.RSS_LEVEL_MB
+    leak = [280.0 + 4.0 * i for i in range(11)]  # 4 MiB a reload
+    assert faults.rss_growth(leak) > faults.RSS_LEVEL_MB
