@@ -46,7 +46,7 @@ from service.features import CircuitBreaker, FeatureStore, make_redis, read_snap
 from service.features import connect as connect_redis
 from service.manifest import ModelError
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
-from service.model import Job, Ranked, RerankModel, find_version
+from service.model import Job, Ranked, RerankModel, UserFeatures, find_version
 from service.request_log import RequestLog
 from service.schemas import ErrorBody, FallbackReason, RerankRequest, RerankResponse, check_request, parse_request
 
@@ -324,14 +324,15 @@ async def rerank(request: Request) -> Response:
 
 
 def log_request(svc: Service, req: RerankRequest, k: int, version: str, items: list[dict[str, Any]],
-                reason: str | None) -> None:
-    """The request and its answer to the request log, if on and this request is sampled; never waits."""
+                reason: str | None, features: UserFeatures, source: str) -> None:
+    """The request, the features it was served with and its answer to the request log, if on and this request is
+    sampled; never waits."""
     rlog = svc.request_log
     if rlog is None or not rlog.sampled():
         return
     entry = request_log.record(req.request_id, req.user_id, version, k,
                                [(c.item_id, c.score) for c in req.candidates], [i["item_id"] for i in items], reason,
-                               time.time())
+                               time.time(), features.history, source)
     if not rlog.offer(entry):
         svc.metrics.request_log_dropped.inc()
 
@@ -438,7 +439,7 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
         in_order = fallback_items(req, k)
         body = {"request_id": req.request_id, "model_version": model.version, "items": in_order,
                 "fallback": True, "fallback_reason": reason}
-        log_request(svc, req, k, model.version, in_order, reason)
+        log_request(svc, req, k, model.version, in_order, reason, features, source)
         return Answer(json_response(body), reason == "deadline", req.request_id, model.version, reason,
                       len(req.candidates), t_feat, t_batch, t_batch + batch_s, None)
     if ranked.oov_items:
@@ -447,7 +448,7 @@ async def rank(svc: Service, runtime: Runtime, model: RerankModel, req: RerankRe
              for r, (p, s) in enumerate(zip(ranked.positions, ranked.logits, strict=True))]
     response = json_response({"request_id": req.request_id, "model_version": ranked.version, "items": items,
                               "fallback": False, "fallback_reason": None})
-    log_request(svc, req, k, ranked.version, items, None)
+    log_request(svc, req, k, ranked.version, items, None, features, source)
     return Answer(response, False, req.request_id, ranked.version, None, len(req.candidates), t_feat, t_batch,
                   t_batch + batch_s, ranked)
 

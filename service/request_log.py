@@ -6,7 +6,10 @@ the queue full is dropped and counted), one file per process, and size-based rot
 files. Does not know: HTTP, models or features.
 
 A record: ``{"ts", "request_id", "user_id", "model_version", "k", "candidates": [[item_id, score], ...],
-"returned": [item_id, ...], "fallback_reason"}``, candidates in the order the retriever sent them.
+"returned": [item_id, ...], "fallback_reason", "history": [item_id, ...], "features"}``, candidates in the order the
+retriever sent them, ``history`` the user's history as the model was given it (most recent last) and ``features``
+where it came from (local, redis, snapshot, cold_start): features as served, so a model trained on the log sees
+what the service saw (``training/candidate_log.py`` reads the joined log).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class RequestLog:
 
 
 def record(request_id: str | None, user_id: str, model_version: str, k: int, candidates: list[tuple[str, float]],
-           returned: list[str], fallback_reason: str | None, ts: float) -> dict[str, Any]:
+           returned: list[str], fallback_reason: str | None, ts: float, history: tuple[str, ...] = (),
+           features: str = "") -> dict[str, Any]:
     return {"ts": ts, "request_id": request_id, "user_id": user_id, "model_version": model_version, "k": k,
-            "candidates": candidates, "returned": returned, "fallback_reason": fallback_reason}
+            "candidates": candidates, "returned": returned, "fallback_reason": fallback_reason,
+            "history": history, "features": features}

@@ -11,6 +11,12 @@
     python -m training pipeline --dataset ml1m --path ~/data/ml-1m
     python -m training pipeline --dataset table --path ratings.parquet --users users.csv --items items.csv
     python -m training stats --dataset table --path ml-20m/ratings.csv --columns userId=user_id,movieId=item_id
+    python -m training pipeline --dataset log --path candidates.parquet --users users.csv --items items.csv
+    python -m training write-log --out build/ml100k-log/candidates.parquet   # ML-100K's lists as a candidate log
+    python -m training log-roundtrip               # those lists through the log path: same arrays, audit, PRM N@6
+    python -m training scale --factors 1,10,100    # time and peak RSS per stage on the synthetic log
+    torchrun --nproc_per_node 2 -m training fit --variant prm --threads 1   # data-parallel (training/distributed.py)
+    python -m training ddp --procs 2 --seeds 0,1,2 # one process against torchrun: N@6 and epoch time
 
 Every flag has a --help; config dataclasses are filled from the flags, never from dicts.
 """
@@ -28,7 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from training import audit, candidates, capacity, data, evaluate, export, report, retriever, runner
+from training import (
+    audit,
+    candidate_log,
+    candidates,
+    capacity,
+    data,
+    ddp_report,
+    distributed,
+    evaluate,
+    export,
+    log_roundtrip,
+    report,
+    retriever,
+    runner,
+    scale,
+)
 from training.train import VARIANTS, TrainConfig, resolve_device
 
 T = TypeVar("T")
@@ -38,13 +59,16 @@ PAPER = "paper protocol"
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="ml100k", metadata={"help": "ml100k (bundled in the recbole wheel), ml1m or table"})
+    dataset: str = field(default="ml100k", metadata={
+        "help": "ml100k (bundled in the recbole wheel), ml1m, table (a ratings table) or log (a candidate log: "
+                "your retriever's logged lists and their feedback, training/candidate_log.py)"})
     path: Path | None = field(default=None, metadata={
-        "help": "ml1m: folder with ratings.dat/users.dat/movies.dat; table: the ratings CSV or Parquet"})
-    users: Path | None = field(default=None, metadata={"help": "table: optional user side-feature file"})
-    items: Path | None = field(default=None, metadata={"help": "table: optional item side-feature file"})
+        "help": "ml1m: folder with ratings.dat/users.dat/movies.dat; table: the ratings CSV or Parquet; log: the "
+                "candidate log CSV or Parquet"})
+    users: Path | None = field(default=None, metadata={"help": "table, log: optional user side-feature file"})
+    items: Path | None = field(default=None, metadata={"help": "table, log: optional item side-feature file"})
     columns: str = field(default="", metadata={
-        "help": "table: SOURCE=TARGET renames applied to every file before its columns are checked, "
+        "help": "table, log: SOURCE=TARGET renames applied to every file before its columns are checked, "
                 "comma-separated (MovieLens-20M: userId=user_id,movieId=item_id)"})
     core: int = field(default=20, metadata={"help": "iterative k-core filter on users and items"})
     history_len: int = field(default=30, metadata={"help": "history items per user state"})
@@ -105,9 +129,27 @@ def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:
     return cls(**values)
 
 
+LOGGED = "logged"  # the one regime of a candidate log: the lists as the production retriever scored them
+
+
 def load_dataset(cfg: DataConfig) -> data.Dataset:
+    if cfg.dataset == LOG:
+        return load_log(cfg)[0]
     ratings = data.load(cfg.dataset, cfg.path, cfg.users, cfg.items, data.parse_columns(cfg.columns))
     return data.prepare(ratings, core=cfg.core, history_len=cfg.history_len)
+
+
+LOG = "log"
+
+
+def log_files(cfg: DataConfig) -> candidate_log.LogFiles:
+    if cfg.path is None:
+        raise data.DataError("log: pass the candidate log CSV or Parquet file with --path")
+    return candidate_log.LogFiles(cfg.path, cfg.users, cfg.items, data.parse_columns(cfg.columns))
+
+
+def load_log(cfg: DataConfig) -> tuple[data.Dataset, dict[str, candidates.CandidateLists]]:
+    return candidate_log.read_log(log_files(cfg), cfg.history_len)
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -119,9 +161,14 @@ def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: c
     """The lists of ``cfg.sampler`` and their leakage audit, printed loudly when it fails."""
     lists = candidates.build_all_lists(dataset, retr, cfg)
     result = audit.audit(lists, candidates.item_counts(dataset))
+    print_audit(result, name or f"sampler {cfg.sampler}")
+    return lists, result
+
+
+def print_audit(result: audit.Audit, what: str) -> None:
+    """The audit's test N@6 per ranking and its verdict, loudly when it fails."""
     figures = " | ".join(f"{name} {value:.2f}" for name, value in result.n6.items())
     auc = result.list_auc
-    what = name or f"sampler {cfg.sampler}"
     print(f"leakage audit, {what}: test N@6 {figures}; retriever list AUC train {auc['train']:.2f}, "
           f"test {auc['test']:.2f}", flush=True)
     if result.valid:
@@ -129,7 +176,6 @@ def audited_lists(dataset: data.Dataset, retr: retriever.RetrieverScores, cfg: c
     else:
         bar = "!" * 100
         print(f"{bar}\nLEAKAGE AUDIT, {what}: {result.verdict}\n{bar}", flush=True)
-    return lists, result
 
 
 def run_cache(folder: str, dataset: data.Dataset, data_cfg: DataConfig, retr_cfg: retriever.RetrieverConfig,
@@ -137,6 +183,8 @@ def run_cache(folder: str, dataset: data.Dataset, data_cfg: DataConfig, retr_cfg
     """The run cache shared by every command over the same data, retrievers and lists ("" for none)."""
     context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
                "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
+    if data_cfg.dataset == LOG:  # the log lives outside the repository: its bytes are the key
+        context = {"data": dataclasses.asdict(data_cfg), "log": log_files(data_cfg).digest()}
     return runner.RunCache(Path(folder) / dataset.name, context) if folder else None
 
 
@@ -186,6 +234,24 @@ def build_regimes(dataset: data.Dataset, retr: retriever.RetrieverScores, retr_c
                    [s for s in samplers if s != default])
 
 
+def log_regimes(dataset: data.Dataset, lists: dict[str, candidates.CandidateLists], run_cfg: RunConfig) -> Regimes:
+    """A candidate log's regimes: its own lists, audited (popularity = each item's label-1 count on the training
+    lists), and the controlled regimes built on them that its scores can reach."""
+    counts = candidate_log.item_counts(dataset, lists)
+    lists_of, audits = {LOGGED: lists}, {LOGGED: audit.audit(lists, counts)}
+    print_audit(audits[LOGGED], LOGGED)
+    controlled: dict[str, float] = {}
+    for target in [float(a) for a in names(run_cfg.controlled_aucs)]:
+        name = f"controlled AUC {target:.2f} (sigma {run_cfg.controlled_sigma:g})"
+        try:
+            lists_of[name], controlled[name] = candidates.controlled_lists(lists, target, run_cfg.controlled_sigma)
+        except ValueError as exc:
+            print(f"{name}: skipped ({exc})", flush=True)
+            continue
+        audits[name] = audit.audit(lists_of[name], counts)
+    return Regimes(LOGGED, lists_of, audits, controlled, [], [])
+
+
 def train_regimes(pool: runner.Runner, regimes: Regimes, run_cfg: RunConfig, train_cfg: TrainConfig
                   ) -> tuple[list[runner.Run], dict[str, list[runner.Run]]]:
     """The main table's variants x seeds under the default sampler, then the key variants in every regime."""
@@ -225,6 +291,39 @@ def export_shipped(runs: list[runner.Run], dataset: data.Dataset, lists: dict[st
           f"{manifest_parity['topk_identical']:.4f})", flush=True)
 
 
+def default_regimes(data_cfg: DataConfig, retr_cfg: retriever.RetrieverConfig, list_cfg: candidates.ListConfig,
+                    run_cfg: RunConfig) -> tuple[data.Dataset, Regimes, float, dict[str, Any]]:
+    """The dataset, its regimes, the retriever's held-out AUC and what made the default lists: fitted retrievers
+    and sampled negatives for a ratings table, the logged lists for a candidate log."""
+    if data_cfg.dataset == LOG:
+        dataset, logged = load_log(data_cfg)
+        print(data.stats_table(dataset), flush=True)
+        retr_auc = candidates.list_auc(logged["test"])
+        print(f"logged retriever: list AUC on the test lists {retr_auc:.4f}", flush=True)
+        lists_info = {"source": f"candidate log {data_cfg.path}", "sampler": LOGGED,
+                      "candidates": logged["test"].items.shape[1]}
+        return dataset, log_regimes(dataset, logged, run_cfg), retr_auc, lists_info
+    dataset = load_dataset(data_cfg)
+    print(data.stats_table(dataset), flush=True)
+    retr = retriever.fit_retrievers(dataset, retr_cfg)
+    retr_auc = retriever.heldout_auc(dataset, retr.pre_valid)
+    print(f"retriever held-out AUC {retr_auc:.4f} ({retr_cfg.folds} out-of-fold MFs for the training lists)",
+          flush=True)
+    return dataset, build_regimes(dataset, retr, retr_cfg, list_cfg, run_cfg), retr_auc, dataclasses.asdict(list_cfg)
+
+
+def default_lists(data_cfg: DataConfig, retr_cfg: retriever.RetrieverConfig, list_cfg: candidates.ListConfig
+                  ) -> tuple[data.Dataset, str, dict[str, candidates.CandidateLists]]:
+    """The dataset, the default regime's name and its audited lists (one sampler, or the candidate log)."""
+    if data_cfg.dataset == LOG:
+        dataset, lists = load_log(data_cfg)
+        print_audit(audit.audit(lists, candidate_log.item_counts(dataset, lists)), LOGGED)
+        return dataset, LOGGED, lists
+    dataset = load_dataset(data_cfg)
+    lists, _ = audited_lists(dataset, retriever.fit_retrievers(dataset, retr_cfg), list_cfg)
+    return dataset, list_cfg.sampler, lists
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data_cfg, list_cfg, run_cfg = from_args(DataConfig, args), from_args(candidates.ListConfig, args), \
@@ -234,13 +333,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     evaluate.check_variants(names(run_cfg.regime_variants))
     for sampler in names(run_cfg.regime_samplers):
         dataclasses.replace(list_cfg, sampler=sampler)  # refuses an unknown sampler before any training
-    dataset = load_dataset(data_cfg)
-    print(data.stats_table(dataset), flush=True)
-    retr = retriever.fit_retrievers(dataset, retr_cfg)
-    retr_auc = retriever.heldout_auc(dataset, retr.pre_valid)
-    print(f"retriever held-out AUC {retr_auc:.4f} ({retr_cfg.folds} out-of-fold MFs for the training lists)",
-          flush=True)
-    regimes = build_regimes(dataset, retr, retr_cfg, list_cfg, run_cfg)
+    dataset, regimes, retr_auc, lists_info = default_regimes(data_cfg, retr_cfg, list_cfg, run_cfg)
     default, lists = regimes.default, regimes.lists_of[regimes.default]
     jobs = run_cfg.jobs or runner.default_jobs(train_cfg.threads)
     cache = run_cache(run_cfg.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
@@ -250,8 +343,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "command": "python -m training " + shlex.join(sys.argv[1:]),
         "retriever_heldout_auc": retr_auc,
         "data": dataclasses.asdict(data_cfg),
-        "lists": dataclasses.asdict(list_cfg),
-        "retriever": dataclasses.asdict(retr_cfg),
+        "lists": lists_info,
+        "retriever": dataclasses.asdict(retr_cfg) if data_cfg.dataset != LOG else {"source": "logged scores"},
         "reranker": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in {"variant", "seed"}},
         "jobs": jobs,
         "runs_trained": pool.trained,
@@ -282,13 +375,12 @@ def cmd_choices(args: argparse.Namespace) -> None:
     if args.variant not in dnr:
         raise ValueError(f"--variant {args.variant!r} is not one of the DNR variants {dnr}")
     train_cfg = from_args(TrainConfig, args)
-    dataset = load_dataset(from_args(DataConfig, args))
-    retr = retriever.fit_retrievers(dataset, from_args(retriever.RetrieverConfig, args, "mf_"))
-    list_cfg = from_args(candidates.ListConfig, args)
-    lists, _ = audited_lists(dataset, retr, list_cfg)
+    dataset, regime, lists = default_lists(from_args(DataConfig, args), from_args(retriever.RetrieverConfig, args,
+                                                                                  "mf_"),
+                                           from_args(candidates.ListConfig, args))
     jobs = args.jobs or runner.default_jobs(train_cfg.threads)
-    with runner.Runner(dataset, {list_cfg.sampler: lists}, jobs, progress=args.progress) as pool:
-        rows = evaluate.compare_choices(pool, list_cfg.sampler, args.variant, list(range(args.seeds)), train_cfg,
+    with runner.Runner(dataset, {regime: lists}, jobs, progress=args.progress) as pool:
+        rows = evaluate.compare_choices(pool, regime, args.variant, list(range(args.seeds)), train_cfg,
                                         evaluate.CHOICES)
     path = report.write_choices(args.out_reports, dataset.name, args.variant, rows,
                                 "python -m training " + shlex.join(sys.argv[1:]))
@@ -301,15 +393,14 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     list_cfg = from_args(candidates.ListConfig, args)
     train_cfg = dataclasses.replace(from_args(TrainConfig, args), variant=args.variant)
     capacities = capacity.parse_capacities(args.capacities)
-    dataset = load_dataset(data_cfg)
-    lists, _ = audited_lists(dataset, retriever.fit_retrievers(dataset, retr_cfg), list_cfg)
+    dataset, regime, lists = default_lists(data_cfg, retr_cfg, list_cfg)
     cfgs = [dataclasses.replace(train_cfg, hidden=h, layers=n, seed=seed) for h, n in capacities
             for seed in range(args.seeds)]
     cache = run_cache(args.run_cache, dataset, data_cfg, retr_cfg, list_cfg)
-    with runner.Runner(dataset, {list_cfg.sampler: lists}, args.jobs or runner.default_jobs(train_cfg.threads),
+    with runner.Runner(dataset, {regime: lists}, args.jobs or runner.default_jobs(train_cfg.threads),
                        cache, args.progress) as pool:
         pool.plan(len(cfgs))
-        runs = pool.run(list_cfg.sampler, cfgs)
+        runs = pool.run(regime, cfgs)
     rows = []
     for cfg, run in zip(cfgs, runs, strict=True):
         assert run.result is not None
@@ -319,6 +410,61 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     path = capacity.write(args.out_reports, dataset.name, args.variant, rows,
                           "python -m training " + shlex.join(sys.argv[1:]), info)
     print(f"capacity: {path}", flush=True)
+
+
+def cmd_write_log(args: argparse.Namespace) -> None:
+    """The default sampler's lists as a candidate log, with side tables beside it (users.*, items.*)."""
+    data_cfg = from_args(DataConfig, args)
+    dataset, _, lists = default_lists(data_cfg, from_args(retriever.RetrieverConfig, args, "mf_"),
+                                      from_args(candidates.ListConfig, args))
+    out: Path = args.out
+    rows = candidate_log.write_log(dataset, lists, out)
+    candidate_log.write_sides(dataset, out.with_name(f"users{out.suffix}"), out.with_name(f"items{out.suffix}"))
+    print(f"wrote {rows:,} candidate rows of {sum(len(cl) for cl in lists.values()):,} requests to {out}", flush=True)
+
+
+def cmd_log_roundtrip(args: argparse.Namespace) -> None:
+    train_cfg = dataclasses.replace(from_args(TrainConfig, args), variant=args.variant, seed=args.seed)
+    path = log_roundtrip.run(args.out_reports, args.work, None if args.no_train else train_cfg,
+                             "python -m training " + shlex.join(sys.argv[1:]),
+                             from_args(retriever.RetrieverConfig, args, "mf_"), from_args(candidates.ListConfig, args))
+    print(f"log round trip: {path}", flush=True)
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    if args.one is not None:
+        scale.main_one(args.one, args.json, args.train_lists, args.mf_epochs, args.mf_folds, args.threads)
+        return
+    factors = [float(f) for f in names(args.factors)]
+    path = scale.run(factors, args.out_reports, args.train_lists, args.mf_epochs, args.mf_folds, args.threads,
+                     "python -m training " + shlex.join(sys.argv[1:]))
+    print(f"scale: {path}", flush=True)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    """One variant at one seed on the default lists; under torchrun, data-parallel over its processes."""
+    train_cfg = dataclasses.replace(from_args(TrainConfig, args), variant=args.variant, seed=args.seed)
+    dataset, _, lists = default_lists(from_args(DataConfig, args), from_args(retriever.RetrieverConfig, args, "mf_"),
+                                      from_args(candidates.ListConfig, args))
+    world = distributed.join(resolve_device(train_cfg.device))
+    try:
+        run = runner.train_run(dataset, lists, train_cfg, progress=args.progress and world.rank == 0)
+    finally:
+        distributed.leave()
+    assert run.result is not None
+    out = {"variant": run.variant, "seed": run.seed, "processes": world.size, "threads": train_cfg.threads,
+           "valid_n6": run.valid["N@6"], "test_n6": run.test["N@6"], "best_epoch": run.best_epoch,
+           "epoch_seconds": [e["seconds"] for e in run.result.epochs]}
+    if world.rank == 0:
+        print(json.dumps(out), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out))
+
+
+def cmd_ddp(args: argparse.Namespace) -> None:
+    path = ddp_report.run(args.procs, [int(s) for s in names(args.seeds)], args.variant, args.epochs,
+                          args.out_reports, "python -m training " + shlex.join(sys.argv[1:]))
+    print(f"ddp: {path}", flush=True)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -367,6 +513,53 @@ def parser() -> argparse.ArgumentParser:
                      "(default: build/runs); empty: no cache")
     cap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     cap.set_defaults(func=cmd_capacity)
+    write = sub.add_parser("write-log", help="the default lists as a candidate log (and side tables beside it)")
+    add_config(write, DataConfig)
+    add_config(write, candidates.ListConfig)
+    add_config(write, retriever.RetrieverConfig, "mf_")
+    write.add_argument("--out", type=Path, default=Path("build/candidate-log/candidates.parquet"),
+                       help="the log file, .parquet or .csv (default: build/candidate-log/candidates.parquet)")
+    write.set_defaults(func=cmd_write_log)
+    trip = sub.add_parser("log-roundtrip", help="ML-100K's lists through the candidate-log path against the "
+                          "built-in path: arrays, audit, one variant's N@6 (reports/log_roundtrip.md)")
+    add_config(trip, candidates.ListConfig)
+    add_config(trip, retriever.RetrieverConfig, "mf_")
+    add_config(trip, TrainConfig, skip=("variant", "seed"))
+    trip.add_argument("--variant", default="prm", help="the variant trained on both (default: prm)")
+    trip.add_argument("--seed", type=int, default=0, help="its seed (default: 0)")
+    trip.add_argument("--no-train", action="store_true", help="arrays and audit only")
+    trip.add_argument("--work", type=Path, default=Path("build/log-roundtrip"), help="where the log is written")
+    trip.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    trip.set_defaults(func=cmd_log_roundtrip)
+    fit = sub.add_parser("fit", help="one variant at one seed on the default lists (data-parallel under torchrun)")
+    add_config(fit, DataConfig)
+    add_config(fit, candidates.ListConfig)
+    add_config(fit, retriever.RetrieverConfig, "mf_")
+    add_config(fit, TrainConfig, skip=("variant", "seed"))
+    fit.add_argument("--variant", default="prm", help="the variant (default: prm)")
+    fit.add_argument("--seed", type=int, default=0, help="its seed (default: 0)")
+    fit.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
+    fit.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    fit.set_defaults(func=cmd_fit)
+    ddp = sub.add_parser("ddp", help="`fit` in one process against torchrun over --procs processes, per seed "
+                         "(reports/ddp.md)")
+    ddp.add_argument("--procs", type=int, default=2, help="torchrun processes (default: 2)")
+    ddp.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default: 0,1,2)")
+    ddp.add_argument("--variant", default="prm", help="the variant (default: prm)")
+    ddp.add_argument("--epochs", type=int, default=8, help="maximum epochs per run (default: 8)")
+    ddp.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    ddp.set_defaults(func=cmd_ddp)
+    sc = sub.add_parser("scale", help="wall time and peak RSS per pipeline stage on the synthetic log at several "
+                        "sizes (reports/scale.md)")
+    sc.add_argument("--factors", default="1,10,100", help="multiples of ML-100K's interactions (default: 1,10,100)")
+    sc.add_argument("--train-lists", type=int, default=20_000, help="training lists of the one train epoch")
+    sc.add_argument("--mf-epochs", type=int, default=2, help="MF epochs (default: 2; the pipeline's is 30)")
+    sc.add_argument("--mf-folds", type=int, default=2, help="out-of-fold MFs (default: 2; the pipeline's is 5)")
+    sc.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    sc.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    sc.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)
+    sc.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
+    sc.set_defaults(func=cmd_scale)
     redraw = sub.add_parser("report", help="redraw <name>.md, its csv and plots from the saved run files")
     redraw.add_argument("--name", default="ml100k", help="dataset name of the run files (default: ml100k)")
     redraw.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")

@@ -55,13 +55,16 @@ def list_auc(lists: CandidateLists) -> float:
     return float(np.nanmean(metrics.auc(lists.scores, lists.labels, lists.mask)) * 100)
 
 
-def label_memory(train: CandidateLists, n_users: int, n_items: int) -> np.ndarray:
-    """(U, I) bool: item i was a real candidate labelled 0 in one of user u's training lists."""
-    seen = np.zeros((n_users, n_items), dtype=bool)
+def label_memory(train: CandidateLists, users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """Bool, shaped like ``items`` (with ``users`` broadcast against it): item i was a real candidate labelled 0 in
+    one of user u's training lists. Sorted (user, item) keys, not a users x items matrix: memory grows with the
+    training candidates."""
     zero = train.mask & (train.labels == 0)
     rows, cols = np.nonzero(zero)
-    seen[train.user[rows], train.items[rows, cols]] = True
-    return seen
+    seen = np.unique(train.user[rows].astype(np.int64) * n_items + train.items[rows, cols])
+    keys = np.broadcast_to(users, np.shape(items)).astype(np.int64) * n_items + items
+    at = np.minimum(np.searchsorted(seen, keys), max(len(seen) - 1, 0))
+    return seen[at] == keys if len(seen) else np.zeros(np.shape(items), dtype=bool)
 
 
 def ranking_scores(lists: dict[str, CandidateLists], counts: np.ndarray, rng: np.random.Generator
@@ -72,8 +75,7 @@ def ranking_scores(lists: dict[str, CandidateLists], counts: np.ndarray, rng: np
     list last and orders each group at random, so it measures memory alone, not the retriever.
     """
     test, train = lists["test"], lists["train"]
-    n_users = int(max(test.user.max(), train.user.max())) + 1
-    memory = label_memory(train, n_users, len(counts))[test.user[:, None], test.items]  # (N, L)
+    memory = label_memory(train, test.user[:, None], test.items, len(counts))  # (N, L)
     return {
         "random": rng.random(test.scores.shape),
         "retriever": test.scores,

@@ -41,7 +41,7 @@ class Ratings:
 # ---------------------------------------------------------------------------------------------- loaders
 
 
-def _read_table(path: Path, **kwargs: object) -> pd.DataFrame:
+def read_table(path: Path, **kwargs: object) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -52,7 +52,7 @@ def _read_table(path: Path, **kwargs: object) -> pd.DataFrame:
         raise DataError(f"{path}: cannot be parsed ({exc})") from exc
 
 
-def _require(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
+def require_columns(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} "
@@ -74,7 +74,7 @@ def parse_columns(spec: str) -> dict[str, str]:
     return mapping
 
 
-def _renamed(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> pd.DataFrame:
+def rename_columns(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> pd.DataFrame:
     """``df`` with ``columns``' sources renamed; a target that is already a column of the file is refused."""
     present = {s: t for s, t in columns.items() if s in df.columns}
     clash = [t for s, t in present.items() if t in df.columns and t not in present]
@@ -84,7 +84,7 @@ def _renamed(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> pd.DataFr
 
 
 def _clean_interactions(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    _require(df, path, ["user_id", "item_id", "rating", "timestamp"])
+    require_columns(df, path, ["user_id", "item_id", "rating", "timestamp"])
     out = pd.DataFrame(
         {
             "user_id": df["user_id"].astype(str).str.strip(),
@@ -108,8 +108,8 @@ def _clean_interactions(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return out
 
 
-def _side_table(df: pd.DataFrame, path: Path, key: str) -> pd.DataFrame:
-    _require(df, path, [key])
+def side_table(df: pd.DataFrame, path: Path, key: str) -> pd.DataFrame:
+    require_columns(df, path, [key])
     df = df.astype(str)
     df[key] = df[key].str.strip()
     if df[key].duplicated().any():
@@ -144,17 +144,17 @@ def load_ml100k(folder: Path | None = None) -> Ratings:
 
     def atomic(suffix: str) -> pd.DataFrame:
         path = folder / f"ml-100k.{suffix}"
-        df = _read_table(path, sep="\t", quoting=3)
+        df = read_table(path, sep="\t", quoting=3)
         df.columns = [c.split(":")[0] for c in df.columns]
         return df
 
     inter = _clean_interactions(atomic("inter"), folder / "ml-100k.inter")
-    users = _side_table(atomic("user"), folder / "ml-100k.user", "user_id")
-    _require(users, folder / "ml-100k.user", ["age", "gender", "occupation"])
+    users = side_table(atomic("user"), folder / "ml-100k.user", "user_id")
+    require_columns(users, folder / "ml-100k.user", ["age", "gender", "occupation"])
     users = pd.DataFrame({"user_id": users["user_id"], "age": users["age"].map(_age_bucket),
                           "gender": users["gender"], "occupation": users["occupation"]})
-    items = _side_table(atomic("item"), folder / "ml-100k.item", "item_id")
-    _require(items, folder / "ml-100k.item", ["release_year", "class"])
+    items = side_table(atomic("item"), folder / "ml-100k.item", "item_id")
+    require_columns(items, folder / "ml-100k.item", ["release_year", "class"])
     decade = items["release_year"].str[:3].where(items["release_year"].str.len() == 4, "") + "0s"
     items = pd.DataFrame({"item_id": items["item_id"], "decade": decade.where(decade != "0s", ""),
                           "genre": items["class"].str.split().str.join(MULTI_SEP)})
@@ -183,8 +183,8 @@ def load_ml1m(folder: Path) -> Ratings:
     items = pd.DataFrame({"item_id": movies["item_id"], "decade": year.str[:3].where(year != "", "") + "0s",
                           "genre": movies["genres"]})
     items.loc[year == "", "decade"] = ""
-    return Ratings("ml1m", inter, _side_table(users, folder / "users.dat", "user_id"),
-                   _side_table(items, folder / "movies.dat", "item_id"))
+    return Ratings("ml1m", inter, side_table(users, folder / "users.dat", "user_id"),
+                   side_table(items, folder / "movies.dat", "item_id"))
 
 
 def load_table(ratings: Path, users: Path | None = None, items: Path | None = None,
@@ -195,16 +195,21 @@ def load_table(ratings: Path, users: Path | None = None, items: Path | None = No
     Optional side tables: ``users`` keyed by user_id, ``items`` keyed by item_id; every other column is a
     categorical feature, and item values holding ``|`` are multi-valued. A mapped column no file has is an error.
     """
-    columns = columns or {}
-    files = {path: _read_table(path) for path in (ratings, users, items) if path}
+    files = read_renamed([ratings, users, items], columns or {})
+    inter = _clean_interactions(files[ratings], ratings)
+    user_df = side_table(files[users], users, "user_id") if users else None
+    item_df = side_table(files[items], items, "item_id") if items else None
+    return Ratings(ratings.stem, inter, user_df, item_df)
+
+
+def read_renamed(paths: list[Path | None], columns: dict[str, str]) -> dict[Path, pd.DataFrame]:
+    """Each given file read, with ``columns`` ({source: target}) renamed in every one; a mapped column that no
+    file has is an error."""
+    files = {path: read_table(path) for path in paths if path}
     unused = [s for s in columns if not any(s in df.columns for df in files.values())]
     if unused:
         raise DataError(f"--columns names {unused}, a column of none of {[str(p) for p in files]}")
-    renamed = {path: _renamed(df, path, columns) for path, df in files.items()}
-    inter = _clean_interactions(renamed[ratings], ratings)
-    user_df = _side_table(renamed[users], users, "user_id") if users else None
-    item_df = _side_table(renamed[items], items, "item_id") if items else None
-    return Ratings(ratings.stem, inter, user_df, item_df)
+    return {path: rename_columns(df, path, columns) for path, df in files.items()}
 
 
 def load(name: str, path: Path | None = None, users: Path | None = None,
@@ -301,7 +306,25 @@ def _encode_field(name: str, values: list[str], multi: bool) -> Field:
     return Field(name, vocab, tokens)
 
 
-def _natural_key(raw: str) -> tuple[int, int | str]:
+def encode_sides(users: pd.DataFrame | None, items: pd.DataFrame | None, user_ids: list[str], item_ids: list[str]
+                 ) -> tuple[list[Field], list[Field]]:
+    """The side tables' fields over exactly ``user_ids`` and ``item_ids`` (rows they lack: no value); item token
+    rows start with ITEM_OFFSET padding rows so that row = item index."""
+    user_fields: list[Field] = []
+    if users is not None:
+        side = users.set_index("user_id").reindex(user_ids).fillna("")
+        user_fields = [_encode_field(c, side[c].tolist(), multi=False) for c in side.columns]
+    item_fields: list[Field] = []
+    if items is not None:
+        side = items.set_index("item_id").reindex(item_ids).fillna("")
+        for c in side.columns:
+            f = _encode_field(c, side[c].tolist(), multi=side[c].str.contains(MULTI_SEP, regex=False).any())
+            pad = np.zeros((ITEM_OFFSET, f.tokens.shape[1]), dtype=np.int64)
+            item_fields.append(Field(f.name, f.vocab, np.concatenate([pad, f.tokens])))
+    return user_fields, item_fields
+
+
+def natural_key(raw: str) -> tuple[int, int | str]:
     return (0, int(raw)) if raw.isdigit() else (1, raw)
 
 
@@ -317,7 +340,7 @@ def prepare(ratings: Ratings, core: int = 20, slate_size: int = 6, history_len: 
     inter = core_filter(ratings.interactions, core)
     if inter.empty:
         raise DataError(f"{ratings.name}: nothing survives the {core}-core filter")
-    item_ids = sorted(inter["item_id"].unique(), key=_natural_key)
+    item_ids = sorted(inter["item_id"].unique(), key=natural_key)
     item_index = {raw: i + ITEM_OFFSET for i, raw in enumerate(item_ids)}
     inter = inter.assign(item_idx=inter["item_id"].map(item_index),
                          z=(inter["rating"] >= positive_threshold).astype(np.int8))
@@ -344,18 +367,7 @@ def prepare(ratings: Ratings, core: int = 20, slate_size: int = 6, history_len: 
     splits = {s: Slates(np.asarray(us, dtype=np.int64), np.asarray(st, dtype=np.int64))
               for s, (us, st) in split_rows.items()}
 
-    user_fields: list[Field] = []
-    if ratings.users is not None:
-        side = ratings.users.set_index("user_id").reindex(user_ids).fillna("")
-        user_fields = [_encode_field(c, side[c].tolist(), multi=False) for c in side.columns]
-    item_fields: list[Field] = []
-    if ratings.items is not None:
-        side = ratings.items.set_index("item_id").reindex(item_ids).fillna("")
-        for c in side.columns:
-            f = _encode_field(c, side[c].tolist(), multi=side[c].str.contains(MULTI_SEP, regex=False).any())
-            pad = np.zeros((ITEM_OFFSET, f.tokens.shape[1]), dtype=np.int64)
-            item_fields.append(Field(f.name, f.vocab, np.concatenate([pad, f.tokens])))
-
+    user_fields, item_fields = encode_sides(ratings.users, ratings.items, user_ids, item_ids)
     n_inter = sum(len(s) for s in seq_items)
     dataset = Dataset(ratings.name, user_ids, item_ids, seq_items, seq_z, user_fields, item_fields, splits,
                       slate_size, history_len, n_inter)

@@ -126,26 +126,31 @@ def _request(dataset: Dataset, lists: CandidateLists, row: int, topk: np.ndarray
     }
 
 
-def user_snapshot(dataset: Dataset) -> list[dict[str, Any]]:
-    """Each user's features as the service sees them at serving time: the history before the test slate."""
-    test = dataset.splits["test"]
-    cut = dict(zip(test.user.tolist(), test.start.tolist(), strict=True))
+def user_snapshot(dataset: Dataset, lists: dict[str, CandidateLists]) -> list[dict[str, Any]]:
+    """Each user's features as the service sees them at serving time: the history of the user's latest list (the
+    test list, where the user has one; lists of each split are in time order, splits train, valid, test)."""
+    latest: dict[int, np.ndarray] = {}
+    for split in ("train", "valid", "test"):
+        if split in lists:
+            latest |= {int(u): h for u, h in zip(lists[split].user, lists[split].history, strict=True)}
     rows = []
     for u, user_id in enumerate(dataset.user_ids):
-        past = dataset.seq_items[u][max(0, cut[u] - dataset.history_len) : cut[u]]
+        past = latest.get(u, np.zeros(0, dtype=np.int64))
         profile = {f.name: (f.vocab[f.tokens[u, 0] - 1] if f.tokens[u, 0] > 0 else "") for f in dataset.user_fields}
-        rows.append({"user_id": user_id, "profile": profile, "history": [dataset.item_id(i) for i in past]})
+        history = [dataset.item_id(i) for i in past if i >= ITEM_OFFSET]
+        rows.append({"user_id": user_id, "profile": profile, "history": history})
     return rows
 
 
-def write_files(model: Reranker, dataset: Dataset, test: CandidateLists, folder: Path) -> None:
+def write_files(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], folder: Path) -> None:
     """The version's data files beside the graph: weights, item ids, the user-feature snapshot, and the held-out
     requests with the offline top-k (the service's parity and replay input)."""
     np.savez(folder / "weights.npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
     (folder / "items.json").write_text(json.dumps(dataset.item_ids))
     with open(folder / "user_features.jsonl", "w") as f:
-        for user in user_snapshot(dataset):
+        for user in user_snapshot(dataset, lists):
             f.write(json.dumps(user) + "\n")
+    test = lists["test"]
     offline = metrics.topk_indices(predict(model, test), metrics.K, test.mask)
     with open(folder / "heldout.jsonl", "w") as f:
         for row in range(len(test)):
@@ -205,7 +210,7 @@ def export(model: Reranker, dataset: Dataset, lists: dict[str, CandidateLists], 
                               f"(limit {max_abs_diff:.3g}), identical top-{metrics.K} "
                               f"{parity.topk_identical:.4f} (limit {min_topk_identical})")
 
-        write_files(model, dataset, test, tmp)
+        write_files(model, dataset, lists, tmp)
         manifest(model, dataset, test, version, config, offline_metrics, parity).write(tmp)
         try:  # the service's own loader is the judge of the contract
             RerankModel(tmp, providers="cpu")

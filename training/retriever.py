@@ -10,6 +10,7 @@ Does not know: candidate lists (``candidates.py``), the reranker, its losses or 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,16 +56,66 @@ class MF(nn.Module):
         return (self.user(users) * self.item(items)).sum(-1) + self.bias(items).squeeze(-1)  # logits
 
 
+BLOCK_SCORES = 1 << 24  # scores held per MF at once (64 MiB of float32): one block of users x every item
+
+
+class MFScores:
+    """A fitted MF's frozen factors, read like its (U, I) score matrix: ``scores[u]`` is user u's row, and
+    ``scores[users, items]`` gathers. Rows are computed a block of users at a time (as many as fit in
+    ``block_scores`` scores; every user at once on ML-100K, where the values are the dense matrix's to the bit)
+    and the last block is kept, so memory is the factors plus one block, whatever the catalogue's size.
+    Column i scores item index i; padding and OOV columns are 0."""
+
+    def __init__(self, user: torch.Tensor, item: torch.Tensor, bias: torch.Tensor, block_scores: int = BLOCK_SCORES
+                 ) -> None:
+        self.user, self.item, self.bias = user.detach(), item.detach(), bias.detach()  # (U, d), (I, d), (I, 1)
+        self.shape = (len(self.user), len(self.item))
+        self.block = max(1, min(self.shape[0], block_scores // max(self.shape[1], 1)))
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _rows(self, b: int) -> np.ndarray:
+        """Block ``b``'s rows (users b * block .. (b + 1) * block - 1)."""
+        if self._cached is None or self._cached[0] != b:
+            with torch.no_grad():
+                users = self.user[b * self.block : (b + 1) * self.block]
+                scores = torch.sigmoid(users @ self.item.T + self.bias.T).numpy().astype(np.float32)
+            scores[:, :ITEM_OFFSET] = 0.0
+            self._cached = (b, scores)
+        return self._cached[1]
+
+    def row(self, u: int) -> np.ndarray:
+        """(I,) user ``u``'s scores (a view into the cached block: copy it to keep it)."""
+        return self._rows(u // self.block)[u % self.block]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            return self.row(int(key))
+        users, cols = key
+        if np.ndim(users) == 0:
+            return self.row(int(users))[cols]
+        users, cols = np.broadcast_arrays(np.asarray(users), np.asarray(cols))
+        out = np.empty(users.shape, dtype=np.float32)
+        for b in np.unique(users // self.block):
+            at = users // self.block == b
+            out[at] = self._rows(int(b))[users[at] % self.block, cols[at]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The dense (U, I) matrix: for small data and tests only."""
+        dense = np.concatenate([self._rows(b).copy() for b in range(-(-self.shape[0] // self.block))])
+        return dense if dtype is None else dense.astype(dtype)
+
+
 @dataclass
 class RetrieverScores:
-    """Frozen (U, I) score matrices and which one scores which list.
+    """Frozen MFs and which one scores which list.
 
-    Column i scores item index i; padding and OOV columns are 0. ``fold[s]`` is the fold of training slate
-    ``s`` (row ``s`` of ``dataset.splits["train"]``); its list is scored by ``fold_scores[fold[s]]``.
+    ``fold[s]`` is the fold of training slate ``s`` (row ``s`` of ``dataset.splits["train"]``); its list is scored
+    by ``fold_scores[fold[s]]``.
     """
 
-    pre_valid: np.ndarray  # (U, I) float32: the MF fitted before each user's validation slate
-    fold_scores: list[np.ndarray]  # K x (U, I) float32
+    pre_valid: MFScores  # the MF fitted before each user's validation slate
+    fold_scores: list[MFScores]  # K out-of-fold MFs
     fold: np.ndarray  # (n_train_slates,) int64 in 0..K-1
 
 
@@ -101,8 +152,8 @@ def fold_interactions(dataset: Dataset, fold: np.ndarray, k: int) -> list[np.nda
 
 
 def fit_mf(dataset: Dataset, interactions: list[np.ndarray], cfg: RetrieverConfig, desc: str = "retriever"
-           ) -> np.ndarray:
-    """Fit MF on ``interactions`` (per user, item indices) and return the frozen (U, I) score matrix."""
+           ) -> MFScores:
+    """Fit MF on ``interactions`` (per user, item indices) and return its frozen scores."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     users = torch.from_numpy(np.concatenate([np.full(len(s), u) for u, s in enumerate(interactions)]))
@@ -123,14 +174,10 @@ def fit_mf(dataset: Dataset, interactions: list[np.ndarray], cfg: RetrieverConfi
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        logits = model.user.weight @ model.item.weight.T + model.bias.weight.T  # (U, I)
-        scores = torch.sigmoid(logits).numpy().astype(np.float32)
-    scores[:, :ITEM_OFFSET] = 0.0
-    return scores
+    return MFScores(model.user.weight, model.item.weight, model.bias.weight)
 
 
-def train_retriever(dataset: Dataset, cfg: RetrieverConfig) -> np.ndarray:
+def train_retriever(dataset: Dataset, cfg: RetrieverConfig) -> MFScores:
     """The pre-validation MF: fitted on the interactions before each user's validation slate."""
     return fit_mf(dataset, seen_before_valid(dataset), cfg)
 
@@ -144,7 +191,7 @@ def fit_retrievers(dataset: Dataset, cfg: RetrieverConfig) -> RetrieverScores:
     return RetrieverScores(pre_valid, fold_scores, fold)
 
 
-def heldout_auc(dataset: Dataset, scores: np.ndarray) -> float:
+def heldout_auc(dataset: Dataset, scores: MFScores | np.ndarray) -> float:
     """Mean per-user AUC of the validation and test slate items against every item the user never rated.
 
     These pairs were never seen in training: it measures the retriever as a ranker of unseen items.
@@ -157,10 +204,11 @@ def heldout_auc(dataset: Dataset, scores: np.ndarray) -> float:
             unseen = np.ones(dataset.n_items, dtype=bool)
             unseen[:ITEM_OFFSET] = False
             unseen[dataset.seq_items[u]] = False
-            neg_scores = np.sort(scores[u, unseen])
+            row = scores[u]
+            neg_scores = np.sort(row[unseen])
             # AUC = share of (pos, neg) pairs ordered right, ties 1/2.
-            below = np.searchsorted(neg_scores, scores[u, pos], side="left")
-            ties = np.searchsorted(neg_scores, scores[u, pos], side="right") - below
+            below = np.searchsorted(neg_scores, row[pos], side="left")
+            ties = np.searchsorted(neg_scores, row[pos], side="right") - below
             aucs.append(float(((below + 0.5 * ties) / len(neg_scores)).mean()))
     return float(np.mean(aucs))
 

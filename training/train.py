@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training import generator, metrics
+from training import distributed, generator, metrics
 from training.candidates import CandidateLists
 from training.data import Dataset
 from training.model import PATHWAYS, ModelConfig, Reranker
@@ -516,6 +516,7 @@ class Fit:
     gen_opt: torch.optim.Optimizer | None
     calibration: generator.Calibration | None
     order: torch.Generator  # draws each epoch's order of the training lists
+    world: distributed.World = field(default_factory=distributed.World)  # under torchrun: this rank; else one
 
     @classmethod
     def start(cls, dataset: Dataset, train_lists: CandidateLists, cfg: TrainConfig) -> Fit:
@@ -531,8 +532,13 @@ class Fit:
                if cfg.spec.generator else None)
         gen_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr) if gen is not None else None
         calibration = fit_calibration(model, train_lists) if gen is not None else None
+        world = distributed.join(device)
+        for module, optimiser in ((model, opt), (gen, gen_opt)):
+            if module is not None and optimiser is not None:
+                distributed.broadcast(module, world)
+                distributed.average_gradients(optimiser, world)
         return cls(cfg, train_lists, device, model, opt, schedule, noise, gen, gen_opt, calibration,
-                   torch.Generator().manual_seed(cfg.seed))
+                   torch.Generator().manual_seed(cfg.seed), world)
 
     def epoch(self, use_model: bool) -> dict[str, float]:
         """One pass over the training lists in a fresh order (Algorithm 1: a reranker step per batch and, every
@@ -543,7 +549,10 @@ class Fit:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for step, start in enumerate(range(0, len(perm), cfg.batch_size)):
-            t = Batch.of(self.lists, perm[start : start + cfg.batch_size], self.device)
+            rows = perm[start : start + cfg.batch_size]
+            if len(rows) < self.world.size:  # a last batch too small to give every rank a list: every rank skips it
+                break
+            t = Batch.of(self.lists, self.world.shard(rows), self.device)
             synthetic = self.noise.synthetic(t.labels, cfg.lambda_c) if self.noise is not None and not use_model \
                 else None
             logs, encoding = reranker_step(self.model, self.opt, t, synthetic, cfg, self.gen if use_model else None)

@@ -77,3 +77,8 @@ def test_the_app_logs_each_sampled_request_with_its_answer(model_root: Path, tmp
         assert entry["user_id"] == row["request"]["user_id"] and entry["model_version"] == "tiny-v1"
         assert entry["candidates"] == [[c["item_id"], c["score"]] for c in row["request"]["candidates"]]
         assert entry["returned"] == [item["item_id"] for item in answer["items"]]
+        # features as served: the snapshot's history for this user, most recent last
+        snapshot = {json.loads(line)["user_id"]: json.loads(line)
+                    for line in (model_root / "tiny-v1" / "user_features.jsonl").read_text().splitlines()}
+        assert entry["history"] == snapshot[row["request"]["user_id"]]["history"]
+        assert entry["features"] in ("local", "redis", "snapshot")

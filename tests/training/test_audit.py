@@ -78,7 +78,9 @@ def test_hand_made_clean_lists_are_valid() -> None:
 
 def test_memory_marks_only_the_users_own_zero_labels(tiny: Tiny) -> None:
     train = tiny.lists["train"]
-    memory = audit.label_memory(train, len(tiny.dataset.user_ids), tiny.dataset.n_items)
+    n_users, n_items = len(tiny.dataset.user_ids), tiny.dataset.n_items
+    memory = audit.label_memory(train, np.arange(n_users)[:, None], np.arange(n_items)[None, :].repeat(n_users, 0),
+                                n_items)
     row = 0
     u = train.user[row]
     zeros = train.items[row][train.labels[row] == 0]

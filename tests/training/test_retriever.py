@@ -20,14 +20,28 @@ def test_retriever_trains_only_before_validation(tiny: Tiny) -> None:
 
 
 def test_scores_are_probabilities(tiny: Tiny) -> None:
-    for s in (tiny.retr.pre_valid, *tiny.retr.fold_scores):
-        assert s.shape == (len(tiny.dataset.user_ids), tiny.dataset.n_items)
+    for scores in (tiny.retr.pre_valid, *tiny.retr.fold_scores):
+        assert scores.shape == (len(tiny.dataset.user_ids), tiny.dataset.n_items)
+        s = np.asarray(scores)
         assert (s >= 0).all() and (s <= 1).all()
         assert (s[:, : data.ITEM_OFFSET] == 0).all()
     # K + 1 different fits, not one model copied.
     assert len(tiny.retr.fold_scores) == 3
     assert not np.allclose(tiny.retr.fold_scores[0], tiny.retr.fold_scores[1])
     assert not np.allclose(tiny.retr.fold_scores[0], tiny.retr.pre_valid)
+
+
+def test_scores_in_blocks_hold_one_block_and_read_as_the_matrix(tiny: Tiny) -> None:
+    whole = tiny.retr.pre_valid
+    assert whole.block == whole.shape[0]  # small data: every user in one block, the dense matrix itself
+    blocked = retriever.MFScores(whole.user, whole.item, whole.bias, block_scores=3 * whole.shape[1])
+    assert blocked.block == 3
+    dense = np.asarray(whole)
+    np.testing.assert_allclose(np.asarray(blocked), dense, atol=1e-6)
+    users, items = np.array([[7], [0], [7], [4]]), np.array([[2, 5, 9], [3, 3, 2], [0, 1, 2], [8, 2, 6]])
+    np.testing.assert_allclose(blocked[users, items], dense[users, items], atol=1e-6)
+    np.testing.assert_allclose(blocked[4], dense[4], atol=1e-6)
+    assert blocked._cached is not None and blocked._cached[1].shape == (3, whole.shape[1])  # one block held
 
 
 def test_folds_are_balanced_within_each_user(tiny: Tiny) -> None:
