@@ -10,7 +10,7 @@ DEFAULT_VARIANT ?= $(shell python3 -c "import json; print(json.load(open('report
 # Training runs at once in `make pipeline` and `make dnr-choices`, one torch thread each.
 JOBS ?= $(shell nproc)
 
-.PHONY: test lint typecheck validate promtool pytest redis wrk serve model pipeline capacity dnr-choices bench bench-gpu loadtest lock image-check faults clean
+.PHONY: test lint typecheck validate promtool pytest redis wrk serve model pipeline capacity dnr-choices bench bench-gpu loadtest lock image-check faults log-roundtrip log-replay scale ddp snapshot-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -140,6 +140,30 @@ image-check: $(STAMP)
 faults: $(STAMP) redis
 	@ls models/*/heldout.jsonl >/dev/null 2>&1 || $(MAKE) model
 	$(PY) -m loadtest.faults
+
+# The candidate-log path against the built-in one on ML-100K's lists (arrays, audit, PRM N@6 at seed 0):
+# reports/log_roundtrip.md (~5 min).
+log-roundtrip: $(STAMP)
+	$(PY) -m training log-roundtrip
+
+# The held-out requests through the service with its request log on, joined with their labels and read back by
+# the pipeline's reader: reports/log_replay.md.
+log-replay: $(STAMP)
+	@ls models/*/heldout.jsonl >/dev/null 2>&1 || $(MAKE) model
+	$(PY) -m loadtest.log_replay
+
+# Wall time and peak RSS per pipeline stage on the synthetic log at 1x, 10x, 100x ML-100K: reports/scale.{md,png}.
+scale: $(STAMP)
+	$(PY) -m training scale --factors 1,10,100
+
+# One training process against torchrun over 2, 3 seeds each: reports/ddp.md.
+ddp: $(STAMP)
+	$(PY) -m training ddp --procs 2 --seeds 0,1,2
+
+# Memory per service worker with 0, 10k and 100k users in the snapshot: reports/snapshot_memory.md.
+snapshot-memory: $(STAMP)
+	@ls models/*/heldout.jsonl >/dev/null 2>&1 || $(MAKE) model
+	$(PY) -m loadtest.snapshot_memory
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -14,10 +14,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -49,15 +50,56 @@ def from_json(obj: dict[str, Any]) -> UserFeatures:
                         tuple(str(i) for i in obj.get("history", [])))
 
 
-def read_snapshot(path: Path) -> dict[str, UserFeatures]:
+class Snapshot(Mapping[str, UserFeatures]):
+    """Every user's features, held compactly: histories as one int32 array of indices into a vocabulary of the item
+    ids they name, profiles as one code array per field. A user's ``UserFeatures`` is built when looked up (the
+    snapshot answers only after the local cache and Redis). On 100k users with 30-item histories this is a tenth
+    of a dict of ``UserFeatures`` (README, Memory per worker), and every worker holds one."""
+
+    def __init__(self, rows: dict[str, int], items: list[str], flat: np.ndarray, offsets: np.ndarray,
+                 fields: dict[str, tuple[list[str], np.ndarray]]) -> None:
+        self._rows, self._items, self._flat, self._offsets, self._fields = rows, items, flat, offsets, fields
+
+    def __getitem__(self, user_id: str) -> UserFeatures:
+        row = self._rows[user_id]
+        items = self._items
+        history = tuple(items[i] for i in self._flat[self._offsets[row] : self._offsets[row + 1]].tolist())
+        profile = {name: vocab[code] for name, (vocab, codes) in self._fields.items()
+                   if (code := int(codes[row])) >= 0}
+        return UserFeatures(profile, history)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def read_snapshot(path: Path) -> Snapshot:
     """``user_features.jsonl`` as the export writes it: one {"user_id", "profile", "history"} per line."""
-    out: dict[str, UserFeatures] = {}
+    rows: dict[str, int] = {}
+    item_index: dict[str, int] = {}
+    flat: list[int] = []
+    offsets = [0]
+    values: dict[str, dict[str, int]] = {}
+    codes: dict[str, list[int]] = {}
     with open(path) as f:
         for line in f:
-            if line.strip():
-                obj = json.loads(line)
-                out[str(obj["user_id"])] = from_json(obj)
-    return out
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            row = len(offsets) - 1
+            rows[str(obj["user_id"])] = row  # a later line for the same user wins, as in a dict
+            flat.extend(item_index.setdefault(str(i), len(item_index)) for i in obj.get("history", []))
+            offsets.append(len(flat))
+            for name, value in obj.get("profile", {}).items():
+                column = codes.setdefault(str(name), [-1] * row)
+                column.append(values.setdefault(str(name), {}).setdefault(str(value), len(values[str(name)])))
+            for column in codes.values():
+                column.extend([-1] * (row + 1 - len(column)))
+    fields = {name: (list(values[name]), np.asarray(column, dtype=np.int32)) for name, column in codes.items()}
+    return Snapshot(rows, list(item_index), np.asarray(flat, dtype=np.int32), np.asarray(offsets, dtype=np.int64),
+                    fields)
 
 
 class CircuitBreaker:
@@ -143,10 +185,10 @@ class FeatureStore:
         self.ttl_s = ttl_s
         self.cache = TTLCache(cache_size, cache_ttl_s, clock)
         self.breaker = breaker
-        self.snapshot: dict[str, UserFeatures] = {}
+        self.snapshot: Mapping[str, UserFeatures] = {}
         self._backfills: set[asyncio.Task[None]] = set()
 
-    def set_snapshot(self, snapshot: dict[str, UserFeatures]) -> None:
+    def set_snapshot(self, snapshot: Mapping[str, UserFeatures]) -> None:
         """Swap the snapshot (on model reload) and forget cached answers derived from the old one."""
         self.snapshot = snapshot
         self.cache.clear()

@@ -67,15 +67,16 @@ def label_memory(train: CandidateLists, users: np.ndarray, items: np.ndarray, n_
     return seen[at] == keys if len(seen) else np.zeros(np.shape(items), dtype=bool)
 
 
-def ranking_scores(lists: dict[str, CandidateLists], counts: np.ndarray, rng: np.random.Generator
-                   ) -> dict[str, np.ndarray]:
+def ranking_scores(lists: dict[str, CandidateLists], counts: np.ndarray, rng: np.random.Generator,
+                   memory: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """(N, L) scores of each ranking on the test lists (higher ranks first; ties keep retriever order).
 
     random and memorisation draw from ``rng``: memorisation puts the items a user had labelled 0 in a training
     list last and orders each group at random, so it measures memory alone, not the retriever.
     """
     test, train = lists["test"], lists["train"]
-    memory = label_memory(train, test.user[:, None], test.items, len(counts))  # (N, L)
+    if memory is None:  # (N, L): the same for every draw, so the audit passes it in
+        memory = label_memory(train, test.user[:, None], test.items, len(counts))
     return {
         "random": rng.random(test.scores.shape),
         "retriever": test.scores,
@@ -100,8 +101,9 @@ def audit(lists: dict[str, CandidateLists], counts: np.ndarray, draws: int = 20,
     rng = np.random.default_rng(seed)
     test = lists["test"]
     per_list: dict[str, np.ndarray] = {}
+    memory = label_memory(lists["train"], test.user[:, None], test.items, len(counts))
     for draw in range(draws):
-        for name, scores in ranking_scores(lists, counts, rng).items():
+        for name, scores in ranking_scores(lists, counts, rng, memory).items():
             if draw and name not in ("random", "memorisation"):
                 continue
             value = metrics.ndcg_at_k(scores, test.labels, mask=test.mask)

@@ -391,6 +391,12 @@ def history(dataset: Dataset, slates: Slates) -> np.ndarray:
 def stats_table(dataset: Dataset) -> str:
     """A Markdown table in the shape of the paper's dataset statistics (Tables 5-6)."""
     s = dataset.stats
+    if dataset.slate_size == 0:  # a candidate log: rows are candidates, lists are requests
+        rows = [("users", s["users"]), ("items", s["items"]), ("candidate rows", s["interactions"]),
+                ("label rate (label = 1)", f"{s['positive_rate']:.3f}"),
+                ("requests train", s["slates_train"]), ("requests valid", s["slates_valid"]),
+                ("requests test", s["slates_test"]), ("history length", dataset.history_len)]
+        return "\n".join(["| statistic | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     rows = [("users", s["users"]), ("items", s["items"]), ("interactions", s["interactions"]),
             ("positive rate (z = 1)", f"{s['positive_rate']:.3f}"),
             ("slates train", s["slates_train"]), ("slates valid", s["slates_valid"]),

@@ -10,6 +10,7 @@ retriever order), so a tie never favours a positive. Padded candidates never ent
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 K = 6
 METRICS = ("H@6", "N@6", "M@6", "F1@6", "AUC")
@@ -83,22 +84,15 @@ def auc(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) 
     NaN for a list with no positive or no negative; averages skip those lists.
     """
     m = _full_mask(labels, mask)
-    out = np.full(scores.shape[0], np.nan)
-    for row in range(scores.shape[0]):
-        s = scores[row][m[row]].astype(np.float64)
-        z = labels[row][m[row]] > 0
-        n_pos, n_neg = int(z.sum()), int((~z).sum())
-        if n_pos == 0 or n_neg == 0:
-            continue
-        order = np.argsort(s, kind="stable")
-        ranks = np.empty(len(s))
-        ranks[order] = np.arange(1, len(s) + 1)
-        for value in np.unique(s):  # mid-ranks for ties
-            tied = s == value
-            if tied.sum() > 1:
-                ranks[tied] = ranks[tied].mean()
-        out[row] = (ranks[z].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+    z = (labels > 0) & m
+    n_pos, n_neg = z.sum(axis=1), (m & ~z).sum(axis=1)
+    # Padding at -inf takes the lowest ranks, so a real candidate's rank among the real ones is its rank in the
+    # row minus the padding count; ties (padding's among themselves included) share their mean rank.
+    ranks = rankdata(np.where(m, scores.astype(np.float64), -np.inf), method="average", axis=1)
+    ranks -= (~m).sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (np.where(z, ranks, 0.0).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), out, np.nan)
 
 
 def evaluate(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,

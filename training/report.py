@@ -273,6 +273,12 @@ def run_config(info: dict[str, Any]) -> TrainConfig:
 
 def _data_deviations(info: dict[str, Any]) -> Lines:
     dataset = info.get("data", {}).get("dataset", "ml100k")
+    if "source" in info.get("retriever", {}):
+        return [f"**Data: a candidate log, not ML-1M** ({info.get('lists', {}).get('source', '?')}). The paper's "
+                "ML-1M numbers are beside ours for orientation only.",
+                "**Candidate lists** are the logged requests with the production retriever's scores and the logged "
+                "feedback, as in the paper's own setting (a retriever's exposure log); no negatives are drawn and no "
+                "MF of ours scores them, so the sampler regimes and the paper's protocol are not run."]
     slate, candidates = _default(data.prepare, "slate_size"), info.get("lists", {}).get("candidates", "?")
     negatives = candidates - slate if isinstance(candidates, int) else "?"
     folds = info.get("retriever", {}).get("folds", "?")
@@ -407,6 +413,14 @@ def _audit(f: Findings, name: str) -> Lines:
 
 def _data(f: Findings, name: str) -> Lines:
     info, auc = f.files.info, f.default_audit["list_auc"]
+    if "source" in info.get("retriever", {}):  # a candidate log: the lists and their scores are the log's own
+        return [
+            "## Data", "", info.get("stats_table", ""), "", "## Retriever", "",
+            f"- The lists are the logged requests of {info.get('lists', {}).get('source', 'a candidate log')}, "
+            "scored by the production retriever; each user's last request is a test list, the one before a "
+            "validation list, the rest training lists (`training/candidate_log.py`).",
+            f"- List AUC of the logged scores: train {auc['train']:.2f}, valid {auc['valid']:.2f}, "
+            f"test {auc['test']:.2f}.", ""]
     return [
         "## Data", "", info.get("stats_table", ""), "", "## Retriever", "",
         f"- Held-out AUC of the pre-validation MF (validation and test slate items against every item the user "

@@ -4,6 +4,7 @@ breaker's reset run on a clock the tests move, so no assert depends on how fast 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,18 @@ def test_settings_refuse_a_non_redis_url(url: str) -> None:
 
     with pytest.raises(ValidationError, match="is not a redis://"):
         Settings(_env_file=None, redis_url=url)
+
+
+def test_the_compact_snapshot_reads_as_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "user_features.jsonl"
+    lines = [{"user_id": "a", "profile": {"age": "25", "job": "x"}, "history": ["1", "2", "3"]},
+             {"user_id": "b", "profile": {"job": "y"}, "history": []},
+             {"user_id": 3, "profile": {"age": "25", "zip": "9"}, "history": ["3", "1"]},
+             {"user_id": "b", "profile": {"job": "z"}, "history": ["4"]}]  # a later line for b wins
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    snapshot = read_snapshot(path)
+    assert len(snapshot) == 3 and sorted(snapshot) == ["3", "a", "b"]
+    assert snapshot["a"] == UserFeatures({"age": "25", "job": "x"}, ("1", "2", "3"))
+    assert snapshot["b"] == UserFeatures({"job": "z"}, ("4",))
+    assert snapshot["3"] == UserFeatures({"age": "25", "zip": "9"}, ("3", "1"))
+    assert snapshot.get("nobody") is None and "a" in snapshot
