@@ -12,6 +12,7 @@ read from /proc once every worker is ready and has answered a request for a snap
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import shutil
@@ -34,11 +35,16 @@ def write_snapshot(version: Path, users: int, seed: int = 0) -> None:
     fields = {f["name"]: f["vocab"] for f in manifest.get("profile_fields", [])}
     rng = np.random.default_rng(seed)
     history = rng.integers(len(items), size=(users, manifest["history_len"]))
-    with open(version / "user_features.jsonl", "w") as f:
+    path = version / "user_features.jsonl"
+    with open(path, "w") as f:
         for u in range(users):
             profile = {name: vocab[int(rng.integers(len(vocab)))] for name, vocab in fields.items() if vocab}
             f.write(json.dumps({"user_id": f"s{u}", "profile": profile,
                                 "history": [items[i] for i in history[u]]}) + "\n")
+    data = path.read_bytes()  # the manifest pins every file's bytes: re-pin the new snapshot
+    manifest["files"][path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["user_features"]["count"] = users
+    (version / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def measure(models: Path, users: int, workers: int, checkout: Path | None) -> list[float]:

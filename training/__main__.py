@@ -122,6 +122,14 @@ def add_config(parser: argparse.ArgumentParser, cls: type[Any], prefix: str = ""
         parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})")
 
 
+def add_run_configs(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("variant", "seed")) -> None:
+    """The flags of what a training command reads: data, lists, the MF retrievers (``--mf-*``) and training."""
+    add_config(parser, DataConfig)
+    add_config(parser, candidates.ListConfig)
+    add_config(parser, retriever.RetrieverConfig, "mf_")
+    add_config(parser, TrainConfig, skip=skip)
+
+
 def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:
     """The dataclass from its flags; skipped fields keep their defaults."""
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -496,10 +504,7 @@ def add_log_commands(sub: Any) -> None:
 def add_scale_commands(sub: Any) -> None:
     """fit (data-parallel under torchrun), ddp and scale."""
     fit = sub.add_parser("fit", help="one variant at one seed on the default lists (data-parallel under torchrun)")
-    add_config(fit, DataConfig)
-    add_config(fit, candidates.ListConfig)
-    add_config(fit, retriever.RetrieverConfig, "mf_")
-    add_config(fit, TrainConfig, skip=("variant", "seed"))
+    add_run_configs(fit)
     fit.add_argument("--variant", default="prm", help="the variant (default: prm)")
     fit.add_argument("--seed", type=int, default=0, help="its seed (default: 0)")
     fit.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
@@ -534,17 +539,11 @@ def parser() -> argparse.ArgumentParser:
     add_config(stats, DataConfig)
     stats.set_defaults(func=cmd_stats)
     pipe = sub.add_parser("pipeline", help="retriever, variants x seeds, report, export")
-    add_config(pipe, DataConfig)
-    add_config(pipe, candidates.ListConfig)
+    add_run_configs(pipe)
     add_config(pipe, RunConfig)
-    add_config(pipe, retriever.RetrieverConfig, "mf_")
-    add_config(pipe, TrainConfig, skip=("variant", "seed"))
     pipe.set_defaults(func=cmd_pipeline)
     choices = sub.add_parser("choices", help="compare the choices the paper leaves open, on validation")
-    add_config(choices, DataConfig)
-    add_config(choices, candidates.ListConfig)
-    add_config(choices, retriever.RetrieverConfig, "mf_")
-    add_config(choices, TrainConfig, skip=("variant", "seed"))
+    add_run_configs(choices)
     choices.add_argument("--variant", default="dnr-g", help="the DNR variant to train (default: dnr-g)")
     choices.add_argument("--seeds", type=int, default=1, help="seeds per choice (default: 1)")
     choices.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
@@ -553,10 +552,7 @@ def parser() -> argparse.ArgumentParser:
     choices.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     choices.set_defaults(func=cmd_choices)
     cap = sub.add_parser("capacity", help="a variant at each capacity, fp32 and int8: N@6 beside serving cost")
-    add_config(cap, DataConfig)
-    add_config(cap, candidates.ListConfig)
-    add_config(cap, retriever.RetrieverConfig, "mf_")
-    add_config(cap, TrainConfig, skip=("variant", "seed", "hidden", "layers"))
+    add_run_configs(cap, skip=("variant", "seed", "hidden", "layers"))
     cap.add_argument("--variant", default="prm", help="the variant to measure (default: prm)")
     cap.add_argument("--capacities", default="64x1,128x2",
                      help="HIDDENxLAYERS, comma-separated (default: 64x1,128x2; the paper's size is 128x2)")

@@ -87,11 +87,11 @@ def render(built: Side, logged: Side, diffs: dict[str, list[str]], facts: dict[s
               "path counts each item's label-1 candidates on the training lists."]
     if built.run is not None and logged.run is not None:
         lines += ["", f"## {built.run.variant}, seed {built.run.seed}", "",
-                  "| path | valid N@6 | test N@6 | best epoch | s/epoch |", "|---|---|---|---|---|"]
+                  "| path | valid N@6 | test N@6 | best epoch |", "|---|---|---|---|"]
         for side in (built, logged):
             assert side.run is not None
             lines.append(f"| {side.name} | {side.run.valid['N@6']:.2f} | {side.run.test['N@6']:.2f} | "
-                         f"{side.run.best_epoch} | {side.run.seconds_per_epoch:.1f} |")
+                         f"{side.run.best_epoch} |")
     return "\n".join(lines) + "\n"
 
 

@@ -258,3 +258,19 @@ def test_load_client_closed_and_open_loop_against_the_real_service(model_root: P
     assert len(opened) == 30 and {r.status for r in opened} == {200}
     sent = sorted(r.sent for r in opened)
     assert sent[-1] - sent[0] >= 0.25
+
+
+def test_a_synthetic_snapshot_is_pinned_in_the_manifest_and_loads(model_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from loadtest import snapshot_memory
+    from service.features import read_snapshot
+    from service.model import RerankModel
+
+    version = tmp_path / "tiny-v1"
+    shutil.copytree(model_root / "tiny-v1", version)
+    snapshot_memory.write_snapshot(version, 250)
+    RerankModel(version, providers="cpu")  # the loader checks every file against the manifest's sha256
+    snapshot = read_snapshot(version / "user_features.jsonl")
+    items = set(json.loads((version / "items.json").read_text()))
+    assert len(snapshot) == 250 and set(snapshot["s7"].history) <= items
