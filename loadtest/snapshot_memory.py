@@ -17,6 +17,7 @@ import json
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(u) for u in args.users.split(",") if u]
     targets: list[tuple[str, Path | None]] = [("this checkout", None)]
     if args.compare:
-        targets.append((f"`{args.compare}`", args.compare.resolve()))
+        commit = subprocess.run(["git", "-C", str(args.compare), "log", "-1", "--format=%h %s"], capture_output=True,
+                                text=True).stdout.strip()[:60]
+        targets.append((f"`{args.compare}` ({commit or 'not a git checkout'})", args.compare.resolve()))
     lines = ["# Memory per worker against the user-feature snapshot", "",
              f"Produced by `python -m loadtest.snapshot_memory {shlex.join(sys.argv[1:] if argv is None else argv)}`"
              f": {args.workers} workers, no Redis, RSS per worker (MiB) after each has answered requests.", "",

@@ -443,6 +443,9 @@ def cmd_scale(args: argparse.Namespace) -> None:
     if args.one is not None:
         scale.main_one(args.one, args.json, args.train_lists, args.mf_epochs, args.mf_folds, args.threads)
         return
+    if args.replot:
+        print(f"scale: {scale.replot(args.out_reports)}", flush=True)
+        return
     factors = [float(f) for f in names(args.factors)]
     path = scale.run(factors, args.out_reports, args.train_lists, args.mf_epochs, args.mf_folds, args.threads,
                      "python -m training " + shlex.join(sys.argv[1:]))
@@ -526,6 +529,7 @@ def add_scale_commands(sub: Any) -> None:
     sc.add_argument("--mf-folds", type=int, default=2, help="out-of-fold MFs (default: 2; the pipeline's is 5)")
     sc.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     sc.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    sc.add_argument("--replot", action="store_true", help="redraw scale.md and scale.png from scale.json")
     sc.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)
     sc.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_scale)

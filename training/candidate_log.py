@@ -84,7 +84,8 @@ def clean_log(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     data.require_columns(df, path, list(REQUIRED))
     if df.empty:
         raise DataError(f"{path}: no rows")
-    out = pd.DataFrame({c: df[c].astype(str).str.strip() for c in ("request_id", "user_id", "item_id")})
+    # A Parquet null is an empty value, not the text "None".
+    out = pd.DataFrame({c: df[c].fillna("").astype(str).str.strip() for c in ("request_id", "user_id", "item_id")})
     for c in ("request_id", "user_id", "item_id"):
         _refuse(path, df, (out[c] == "").to_numpy(), c, "must not be empty")
     out["score"] = _numbers(df, path, "score")
@@ -96,7 +97,7 @@ def clean_log(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         _refuse(path, df, (out["position"] < 0).to_numpy(), "position", "must be >= 0")
     out["timestamp"] = _numbers(df, path, "timestamp") if "timestamp" in df.columns else 0.0
     if "history" in df.columns:
-        out["history"] = df["history"].astype(str).str.strip()
+        out["history"] = df["history"].fillna("").astype(str).str.strip()
     out["order"] = np.arange(len(out))
     _refuse(path, out, out.duplicated(["request_id", "item_id"]).to_numpy(), "item_id", "repeats within a request")
     if "position" in out.columns:

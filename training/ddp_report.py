@@ -29,10 +29,12 @@ def fit_command(procs: int, seed: int, variant: str, epochs: int, threads: int, 
 def run(procs: int, seeds: list[int], variant: str, epochs: int, out: Path, command: str) -> Path:
     cores = len(os.sched_getaffinity(0))
     rows: list[dict[str, Any]] = []
+    # One process with every core, torchrun sharing them out, and one process with a torchrun process's share.
+    modes = list(dict.fromkeys([(1, cores), (procs, max(1, cores // procs)), (1, max(1, cores // procs))]))
     for seed in seeds:
-        for n in (1, procs):
+        for n, threads in modes:
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                subprocess.run(fit_command(n, seed, variant, epochs, max(1, cores // n), Path(tmp.name)), check=True)
+                subprocess.run(fit_command(n, seed, variant, epochs, threads, Path(tmp.name)), check=True)
                 rows.append(json.loads(Path(tmp.name).read_text()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ddp.json").write_text(json.dumps(rows, indent=2))
@@ -59,9 +61,9 @@ def render(rows: list[dict[str, Any]], procs: int, cores: int, command: str) -> 
                      f"| {r['best_epoch']} | {statistics.median(r['epoch_seconds']):.1f} |")
     lines += ["", "| processes x threads | valid N@6 (mean ± std over seeds) | test N@6 | median s/epoch |",
               "|---|---|---|---|"]
-    for n in sorted({r["processes"] for r in rows}):
-        these = [r for r in rows if r["processes"] == n]
+    for mode in dict.fromkeys((r["processes"], r["threads"]) for r in rows):
+        these = [r for r in rows if (r["processes"], r["threads"]) == mode]
         per_epoch = statistics.median(s for r in these for s in r["epoch_seconds"])
-        lines.append(f"| {n} x {these[0]['threads']} | {_summary(these, 'valid_n6')} | {_summary(these, 'test_n6')} "
+        lines.append(f"| {mode[0]} x {mode[1]} | {_summary(these, 'valid_n6')} | {_summary(these, 'test_n6')} "
                      f"| {per_epoch:.1f} |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ Owns: joining the process group from torchrun's environment (RANK, WORLD_SIZE, L
 a batch, and gradient averaging. Does not know: the model, the losses or the data.
 
 Every rank builds the same lists and the same model (same seeds; rank 0's weights are broadcast to make sure),
-draws the same order of training lists, and takes every ``world``-th list of each batch; a hook before each
+draws the same order of training lists, and takes every ``world``-th list of each batch, with random draws
+(dropout, noise) of its own; a hook before each
 optimiser step all-reduces the gradients and divides by the world size, so one step sees the whole batch, as in
 one process, and the epoch has the same number of steps and the same learning-rate schedule. Every rank evaluates
 the whole validation set on identical weights, so every rank takes the same early-stopping decision. This is

@@ -124,6 +124,7 @@ def run(factors: list[float], out: Path, train_lists: int, mf_epochs: int, mf_fo
             results.append(json.loads(Path(tmp.name).read_text()))
         if on_result is not None:
             on_result(results[-1])
+        results[-1]["command"] = command
         (out / "scale.json").write_text(json.dumps(results, indent=2))
         write_report(results, out, command)
     return out / "scale.md"
@@ -152,7 +153,9 @@ def write_report(results: list[dict[str, Any]], out: Path, command: str) -> Path
              f"Produced by `{command}` on the seeded synthetic log (`training/synthetic.py`), each size in its own "
              f"process. MF retrievers at {cfg['mf_epochs']} epochs and {cfg['mf_folds']} folds (the pipeline's "
              f"default is 30 and 5: their time grows with epochs x folds, their memory does not); train = one PRM "
-             f"epoch on the first {results[0]['trained_lists']:,} training lists; {cfg['threads']} torch threads.", "",
+             "epoch on the first training lists ("
+             + ", ".join(f"{r['factor']:g}x: {r['trained_lists']:,}" for r in results)
+             + f"); {cfg['threads']} torch threads.", "",
              "| size | users | items | interactions | lists (train/valid/test) | dense MF scores (old code, "
              "computed) | peak RSS (all stages) | of which data (above the floor) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -192,17 +195,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = np.array([r["interactions"] for r in results], dtype=float)
     for name in STAGES:
-        ax.plot(x, [next(s for s in r["stages"] if s["stage"] == name)["rss_peak_mib"] for r in results],
-                marker="o", label=name)
-    ax.plot(x, x / x[0] * max(s["rss_peak_mib"] for s in results[0]["stages"]), "k:", label="linear from the smallest")
+        ax.plot(x, [max(next(s for s in r["stages"] if s["stage"] == name)["rss_peak_mib"] - r["floor_mib"], 1)
+                    for r in results], marker="o", label=name)
+    ax.plot(x, x / x[0] * data_peak(results[0]), "k:", label="linear from the smallest run's peak")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("interactions")
-    ax.set_ylabel("peak RSS during the stage (MiB)")
+    ax.set_ylabel("peak RSS during the stage, above the floor (MiB)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out: Path) -> Path:
+    """The report and plot again from ``out/scale.json`` (the command stays the one that measured)."""
+    results = json.loads((out / "scale.json").read_text())
+    return write_report(results, out, results[0].get("command", "python -m training scale"))
 
 
 def main_one(factor: float, json_path: Path, train_lists: int, mf_epochs: int, mf_folds: int, threads: int) -> None:

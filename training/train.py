@@ -537,6 +537,9 @@ class Fit:
             if module is not None and optimiser is not None:
                 distributed.broadcast(module, world)
                 distributed.average_gradients(optimiser, world)
+        if world.parallel:  # each rank its own dropout and noise draws, as one process draws them per list
+            seed_everything(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]), cfg.threads,
+                            device)
         return cls(cfg, train_lists, device, model, opt, schedule, noise, gen, gen_opt, calibration,
                    torch.Generator().manual_seed(cfg.seed), world)
 

@@ -133,3 +133,15 @@ def test_the_request_log_joined_with_feedback_is_a_candidate_log(tmp_path: Path)
     dataset, lists = read_log(LogFiles(path), history_len=2)
     assert len(lists["train"]) == 2 and lists["train"].labels.sum() == 1
     assert dataset.item_ids == ["a", "b", "h"]
+
+
+def test_parquet_nulls_are_empty_values(tmp_path: Path) -> None:
+    path = tmp_path / "log.parquet"
+    rows = [row("r", "u", "a", 0.5, 1, history=None), row("r", "u", "b", 0.4, 0, history=None)]
+    pd.DataFrame(rows).to_parquet(path)
+    dataset, lists = read_log(LogFiles(path), history_len=2)
+    assert dataset.item_ids == ["a", "b"] and not lists["train"].history.any()  # no item called "None"
+    rows[1]["user_id"] = None
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(data.DataError, match="column 'user_id' must not be empty"):
+        read_log(LogFiles(path))
