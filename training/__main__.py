@@ -189,8 +189,8 @@ def print_audit(result: audit.Audit, what: str) -> None:
 def run_cache(folder: str, dataset: data.Dataset, data_cfg: DataConfig, retr_cfg: retriever.RetrieverConfig,
               list_cfg: candidates.ListConfig) -> runner.RunCache | None:
     """The run cache shared by every command over the same data, retrievers and lists ("" for none)."""
-    context = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
-               "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
+    context: dict[str, Any] = {"data": dataclasses.asdict(data_cfg), "retriever": dataclasses.asdict(retr_cfg),
+                               "lists": {k: v for k, v in dataclasses.asdict(list_cfg).items() if k != "sampler"}}
     if data_cfg.dataset == LOG:  # the log lives outside the repository: its bytes are the key
         context = {"data": dataclasses.asdict(data_cfg), "log": log_files(data_cfg).digest()}
     return runner.RunCache(Path(folder) / dataset.name, context) if folder else None
