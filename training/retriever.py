@@ -89,7 +89,9 @@ class MFScores:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
-            return self.row(int(key))
+            if np.ndim(key) == 0:
+                return self.row(int(key))
+            key = (np.asarray(key)[..., None], np.arange(self.shape[1]))  # rows of these users: (..., I)
         users, cols = key
         if np.ndim(users) == 0:
             return self.row(int(users))[cols]

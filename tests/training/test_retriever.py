@@ -41,6 +41,7 @@ def test_scores_in_blocks_hold_one_block_and_read_as_the_matrix(tiny: Tiny) -> N
     users, items = np.array([[7], [0], [7], [4]]), np.array([[2, 5, 9], [3, 3, 2], [0, 1, 2], [8, 2, 6]])
     np.testing.assert_allclose(blocked[users, items], dense[users, items], atol=1e-6)
     np.testing.assert_allclose(blocked[4], dense[4], atol=1e-6)
+    np.testing.assert_allclose(blocked[np.array([5, 0, 5])], dense[[5, 0, 5]], atol=1e-6)  # rows of several users
     assert blocked._cached is not None and blocked._cached[1].shape == (3, whole.shape[1])  # one block held
 
 
