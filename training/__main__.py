@@ -473,6 +473,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_ddp(args: argparse.Namespace) -> None:
+    if args.replot:
+        print(f"ddp: {ddp_report.replot(args.out_reports)}", flush=True)
+        return
     path = ddp_report.run(args.procs, [int(s) for s in names(args.seeds)], args.variant, args.epochs,
                           args.out_reports, "python -m training " + shlex.join(sys.argv[1:]))
     print(f"ddp: {path}", flush=True)
@@ -520,6 +523,7 @@ def add_scale_commands(sub: Any) -> None:
     ddp.add_argument("--variant", default="prm", help="the variant (default: prm)")
     ddp.add_argument("--epochs", type=int, default=8, help="maximum epochs per run (default: 8)")
     ddp.add_argument("--out-reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    ddp.add_argument("--replot", action="store_true", help="redraw ddp.md from ddp.json (adding the audit)")
     ddp.set_defaults(func=cmd_ddp)
     sc = sub.add_parser("scale", help="wall time and peak RSS per pipeline stage on the synthetic log at several "
                         "sizes (reports/scale.md)")
