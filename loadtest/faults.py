@@ -162,7 +162,8 @@ def sentinel_failover(env: Env) -> Result:
     again (the promoted replica holds the master's keys)."""
     phase = 3.0 if env.quick else 8.0
     res = Result("sentinel_failover")
-    servers = RedisSentinelServers(env.work / "sentinel", REDIS_PASSWORD).start()
+    servers = RedisSentinelServers(env.work / "sentinel", REDIS_PASSWORD,
+                                   sentinel_password="sentinel-" + REDIS_PASSWORD).start()
     load_features(servers.url, env.service_env())
     try:
         settings = _redis_env(servers.master) | {"RERANK_REDIS_URL": servers.url}

@@ -198,8 +198,10 @@ class RedisSentinelServers(Servers):
 
     MASTER = "rerank"
 
-    def __init__(self, folder: Path, password: str = "", down_after_ms: int = 1000) -> None:
+    def __init__(self, folder: Path, password: str = "", down_after_ms: int = 1000, sentinel_password: str = ""
+                 ) -> None:
         self.folder, self.password, self.down_after_ms = folder, password, down_after_ms
+        self.sentinel_password = sentinel_password  # the sentinel's own requirepass; empty: none
         (folder / "master").mkdir(parents=True, exist_ok=True)
         (folder / "replica").mkdir(parents=True, exist_ok=True)
         self.master = RedisServer(folder / "master", password)
@@ -210,11 +212,13 @@ class RedisSentinelServers(Servers):
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis+sentinel://{auth}127.0.0.1:{self.sentinel_port}/{self.MASTER}/0"
+        option = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.sentinel_port}/{self.MASTER}/0{option}"
 
     def master_port(self) -> int:
         """The port of the master the sentinel reports now."""
-        reply = redis_client(self.sentinel_port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+        reply = redis_client(self.sentinel_port, self.sentinel_password).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
         return int(reply[1])
 
     def _start(self) -> None:
@@ -230,12 +234,14 @@ class RedisSentinelServers(Servers):
                  f"sentinel failover-timeout {self.MASTER} 5000"]
         if self.password:
             lines.append(f"sentinel auth-pass {self.MASTER} {self.password}")
+        if self.sentinel_password:
+            lines.append(f"requirepass {self.sentinel_password}")
         conf.write_text("\n".join(lines) + "\n")
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: `make test` installs it (see the Makefile)"
         self.sentinel = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
-        sentinel = redis_client(self.sentinel_port)
+        sentinel = redis_client(self.sentinel_port, self.sentinel_password)
         wait_for(lambda: len(sentinel.execute_command("SENTINEL", "REPLICAS", self.MASTER)) == 1, 30,
                  "sentinel sees the replica")
 

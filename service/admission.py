@@ -40,6 +40,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Clock = Callable[[], float]
+Headers = Iterable[tuple[bytes, bytes]]
+# what a door calls with each 429 it answers before any handler runs: the request's headers (lower-case names), the
+# seconds the refusal took at the door, and the refusal; the app's access log and tracing (service/app.py)
+RefusalHook = Callable[[Headers, float, Overloaded], None]
 
 ARRIVING = "rerank.arriving"  # scope key: a door admitted this request and its handler has not counted it yet
 # scope key: seconds the request may have waited unread before the server saw it (a paused connection, see
@@ -282,12 +286,13 @@ def refusal_bytes(exc: Overloaded) -> bytes:
 
 class Door:
     """Pure ASGI middleware: a POST to ``path`` that the gate would refuse gets 429 before routing or reading the
-    body; anything else passes through untouched. ``observe`` gets the seconds each refusal took here."""
+    body; anything else passes through untouched. ``observe`` gets the seconds each refusal took here; ``refused``,
+    when set, each refusal itself."""
 
     def __init__(self, app: ASGIApp, gate: Gate, default_budget_s: float, path: str = "/rerank",
-                 observe: Callable[[float], None] = lambda s: None) -> None:
+                 observe: Callable[[float], None] = lambda s: None, refused: RefusalHook | None = None) -> None:
         self.app, self.gate, self.path = app, gate, path
-        self.default_budget_s, self.observe = default_budget_s, observe
+        self.default_budget_s, self.observe, self.refused = default_budget_s, observe, refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
@@ -312,10 +317,13 @@ class Door:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.observe(time.perf_counter() - started + self.gate.lag.lag_s)
+        took_s = time.perf_counter() - started
+        self.observe(took_s + self.gate.lag.lag_s)
+        if self.refused is not None:
+            self.refused(scope["headers"], took_s, exc)
 
 
-def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+def declared_length(headers: Headers) -> int:
     """The body length the headers declare (lower-case names); chunked counts as large, none as 0."""
     for name, value in headers:
         if name == b"content-length":

@@ -22,6 +22,7 @@ import gc
 import hmac
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import errors, logs, request_log
-from service.admission import UNREAD_S, ASGIApp, Door, Gate
+from service.admission import UNREAD_S, ASGIApp, Door, Gate, Headers, RefusalHook
 from service.batcher import Batcher, BatcherClosed, BatchStats, DeadlineExceeded, QueueFull
 from service.config import Settings
 from service.features import CircuitBreaker, FeatureStore, make_redis, read_snapshot
@@ -305,22 +306,52 @@ async def rerank(request: Request) -> Response:
         ended = time.monotonic()
         svc.metrics.requests.labels(status=f"{exc.status // 100}xx").inc()
         svc.metrics.request_seconds.observe(ended - started)
-        if svc.settings.access_log:
+        if logs_access(svc, always=exc.status != 429):
             access_log.info("rerank %d %s", exc.status, exc.code, extra={"event": logs.access_event(
-                None, exc.status, ended - started, error=exc.code)})
+                None, exc.status, ended - started, error=exc.code, field=exc.field)})
         if svc.tracing is not None:
             trace_refusal(svc.tracing, request, started, ended, exc)
         return errors.error_response(exc)
     ended = time.monotonic()
     svc.metrics.requests.labels(status="2xx").inc()
     svc.metrics.request_seconds.observe(ended - started)
-    if svc.settings.access_log:
+    if logs_access(svc, always=answer.fallback_reason is not None):
         access_log.info("rerank 200 %s", answer.request_id, extra={"event": logs.access_event(
             answer.request_id, 200, ended - started, answer.model_version, answer.fallback_reason, answer.candidates,
             answer.stages_s())})
     if svc.tracing is not None:
         trace_answer(svc.tracing, request, started, ended, answer)
     return answer.response
+
+
+def logs_access(svc: Service, always: bool) -> bool:
+    """Whether this request gets an access line: never with the access log off; else when ``always`` (fallbacks,
+    errors other than 429), and for the rest (answers, refusals) at the share ``access_log_sample``."""
+    share = svc.settings.access_log_sample
+    return svc.settings.access_log and (always or share >= 1.0 or random.random() < share)
+
+
+def door_refusals(svc: Service) -> RefusalHook | None:
+    """What the admission doors call with each 429 they answer before any handler: an access line (``door``: true,
+    sampled like the handler's 429s) and an error span in the caller's trace. None with the access log and tracing
+    both off, so a refusal then costs nothing more."""
+    if not svc.settings.access_log and svc.tracing is None:
+        return None
+
+    def refused(headers: Headers, took_s: float, exc: errors.Overloaded) -> None:
+        if logs_access(svc, always=False):
+            access_log.info("rerank 429 %s", exc.code, extra={"event": logs.access_event(
+                None, 429, took_s, error=exc.code, field=exc.field, door=True)})
+        if svc.tracing is not None:
+            from service.tracing import RequestTimes
+
+            ended = time.monotonic()
+            carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+            svc.tracing.record(carrier, RequestTimes(ended - took_s, ended, attributes={
+                "http.response.status_code": 429, "rerank.error": exc.code, "rerank.error_field": exc.field or "",
+                "rerank.door": True}), error=exc.code)
+
+    return refused
 
 
 def log_request(svc: Service, req: RerankRequest, k: int, version: str, items: list[dict[str, Any]],
@@ -358,7 +389,8 @@ def trace_refusal(tracing: Tracing, request: Request, started: float, ended: flo
     from service.tracing import RequestTimes
 
     tracing.record(request.headers, RequestTimes(started, ended, attributes={
-        "http.response.status_code": exc.status, "rerank.error": exc.code}), error=exc.code)
+        "http.response.status_code": exc.status, "rerank.error": exc.code, "rerank.error_field": exc.field or ""}),
+        error=exc.code)
 
 
 async def admit_and_rank(svc: Service, request: Request, started: float) -> Answer:
@@ -689,10 +721,12 @@ def create_stack(settings: Settings | None = None, peers: Peers | None = None, t
 
         try:
             http = parser_door(svc.gate, default_budget_s, svc.metrics.refusal_seconds.observe,
-                               pause_s=settings.refusal_pause_ms / 1000.0, paused=svc.metrics.refusal_pauses.inc)
+                               pause_s=settings.refusal_pause_ms / 1000.0, paused=svc.metrics.refusal_pauses.inc,
+                               refused=door_refusals(svc))
         except UnsupportedUvicorn as exc:
             if settings.admission_door == "parser":
                 raise
             log.warning("admission door: %s; refusing from the ASGI middleware instead", exc)
-    door = Door(cast(ASGIApp, app), svc.gate, default_budget_s, observe=svc.metrics.refusal_seconds.observe)
+    door = Door(cast(ASGIApp, app), svc.gate, default_budget_s, observe=svc.metrics.refusal_seconds.observe,
+                refused=door_refusals(svc))
     return Stack(app, door, http, lambda: begin_drain(app))

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("", description=(
         "redis://[:password@]host:port/db (rediss:// for TLS); redis+cluster://[:password@]host:port[,host:port...] "
         "for a Redis Cluster; redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db] for the master "
-        "Sentinel reports; empty = no Redis"))
+        "Sentinel reports (?sentinel_password=... when the sentinels require one); empty = no Redis"))
     redis_timeout_ms: float = Field(20.0, gt=0, description="per Redis call, then the feature falls back")
     redis_pool_size: int = Field(32, ge=1, description="Redis connections per process")
     feature_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of feature keys written to Redis")
@@ -122,7 +122,10 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description=(
         "one event per /rerank request on the rerank.access logger: request_id, status, model_version, "
         "fallback_reason, candidates, total_ms, features_ms, batch_ms (queue_ms + model_ms), worker_pid (probes are "
-        "not logged)"))
+        "not logged; 429s refused at the admission door carry door=true)"))
+    access_log_sample: float = Field(1.0, gt=0, le=1, description=(
+        "share of answers and 429 refusals the access log writes (at full load a line costs about 4% of a "
+        "request's CPU); fallbacks and every other error are always written"))
 
     @field_validator("redis_url")
     @classmethod

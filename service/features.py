@@ -283,9 +283,9 @@ async def connect(client: aioredis.Redis, timeout_s: float) -> bool:
 
 def make_redis(url: str, pool_size: int, timeout_ms: float) -> aioredis.Redis:
     """An async client with a bounded pool for the URL's topology (``service/redis_url.py``); password and TLS come
-    from the URL (redis://:pw@, rediss://). A Cluster client follows MOVED and ASK redirections; a Sentinel client
-    asks the sentinels for the current master whenever a connection to it fails, so after a failover the next
-    lookup the breaker lets through reaches the promoted replica."""
+    from the URL (redis://:pw@, rediss://; the sentinels' own from ?sentinel_password=). A Cluster client follows
+    MOVED and ASK redirections; a Sentinel client asks the sentinels for the current master whenever a connection to
+    it fails, so after a failover the next lookup the breaker lets through reaches the promoted replica."""
     timeout_s = timeout_ms / 1000.0
     common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     client: Any
@@ -295,7 +295,8 @@ def make_redis(url: str, pool_size: int, timeout_ms: float) -> aioredis.Redis:
                               ssl=target.tls, max_connections=pool_size, **common)
     elif url.startswith(SENTINEL_SCHEMES):
         target = parse_multi_host(url)
-        sentinel = Sentinel(target.nodes, sentinel_kwargs=common, password=target.password, ssl=target.tls,
+        to_sentinels = common | ({"password": target.sentinel_password} if target.sentinel_password else {})
+        sentinel = Sentinel(target.nodes, sentinel_kwargs=to_sentinels, password=target.password, ssl=target.tls,
                             db=target.db, max_connections=pool_size, **common)
         client = sentinel.master_for(target.service)
     else:

@@ -71,10 +71,13 @@ def configure(level: str, fmt: LogFormat, stream: Any = None) -> None:
 
 def access_event(request_id: str | None, status: int, total_s: float, model_version: str | None = None,
                  fallback_reason: str | None = None, candidates: int | None = None,
-                 stages_s: dict[str, float] | None = None, error: str | None = None) -> dict[str, Any]:
-    """The fields of one access-log event: which request, what answered (or the error code), and where the time
-    went, in milliseconds (``stages_s``: name -> seconds)."""
-    return {"event": "rerank", "request_id": request_id, "status": status, "error": error,
+                 stages_s: dict[str, float] | None = None, error: str | None = None, field: str | None = None,
+                 door: bool = False) -> dict[str, Any]:
+    """The fields of one access-log event: which request, what answered (or the error code and the field or
+    limit it names), and where the time went, in milliseconds (``stages_s``: name -> seconds). ``door``: refused
+    by an admission door before any handler (``door: true``; no request_id, the body was never read)."""
+    return {"event": "rerank", "request_id": request_id, "status": status, "error": error, "field": field,
             "model_version": model_version, "fallback_reason": fallback_reason, "candidates": candidates,
             "total_ms": round(total_s * 1000, 3),
-            **{f"{k}_ms": round(v * 1000, 3) for k, v in (stages_s or {}).items()}, "worker_pid": os.getpid()}
+            **{f"{k}_ms": round(v * 1000, 3) for k, v in (stages_s or {}).items()}, "worker_pid": os.getpid(),
+            **({"door": True} if door else {})}

@@ -44,7 +44,16 @@ from typing import ClassVar, cast
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.admission import CLOSE_OVER_BYTES, UNREAD_S, Gate, Scope, declared_length, header_budget_s, refusal_bytes
+from service.admission import (
+    CLOSE_OVER_BYTES,
+    UNREAD_S,
+    Gate,
+    RefusalHook,
+    Scope,
+    declared_length,
+    header_budget_s,
+    refusal_bytes,
+)
 from service.errors import Overloaded
 
 SUPPORTED = ("0.54.", "0.55.")  # uvicorn releases whose httptools protocol this subclass was written against and tested
@@ -89,6 +98,7 @@ class DoorSettings:
     path: bytes
     pause_s: float
     paused: Callable[[], None]
+    refused: RefusalHook | None = None
 
 
 class ParserDoor(HttpToolsProtocol):
@@ -124,7 +134,7 @@ class ParserDoor(HttpToolsProtocol):
                 gate.refuse(self.refusing)
                 self.transport.write(refusal(self.refusing, gate.retry_after_s, close=True))
                 self.transport.close()
-                door.observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
+                self.refused_now(self.refusing)
                 return
         if self.refusing is None:
             super().on_headers_complete()
@@ -159,12 +169,20 @@ class ParserDoor(HttpToolsProtocol):
                 self.flow.pause_reading()
                 self.unread_s = door.pause_s
                 self.loop.call_later(door.pause_s, self.resume)
-        door.observe(time.perf_counter() - self.headers_at + gate.lag.lag_s)
+        self.refused_now(exc)
+
+    def refused_now(self, exc: Overloaded) -> None:
+        """The refusal just answered, to the door's observers: its seconds from the headers (plus the loop's lag
+        before them) to the histogram, and itself to the ``refused`` hook when there is one."""
+        took_s = time.perf_counter() - self.headers_at
+        self.door.observe(took_s + self.door.gate.lag.lag_s)
+        if self.door.refused is not None:
+            self.door.refused(self.headers, took_s, exc)
 
 
 def parser_door(gate: Gate, default_budget_s: float, observe: Callable[[float], None] = lambda s: None,
-                path: bytes = b"/rerank", pause_s: float = 0.0,
-                paused: Callable[[], None] = lambda: None) -> type[HttpToolsProtocol]:
+                path: bytes = b"/rerank", pause_s: float = 0.0, paused: Callable[[], None] = lambda: None,
+                refused: RefusalHook | None = None) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, answering 429 from the parser for a request ``gate`` would refuse. Only a plain
     POST to ``path`` is refused, and only when no earlier request on the connection is still being answered
     (responses must stay in order); everything else takes uvicorn's normal path, where the ASGI door and the
@@ -175,7 +193,8 @@ def parser_door(gate: Gate, default_budget_s: float, observe: Callable[[float], 
     connection that was just refused is not read for that long (TCP backpressure), so clients that send again at
     once cannot spin the event loop on refusals; the next request on it, if it came during the pause, is judged at
     this door and in the handler (scope ``UNREAD_S``) as if it had waited the whole pause already. ``paused`` is
-    called once per pause."""
+    called once per pause. ``refused``, when set, gets each refusal with the request's headers (the access log and
+    tracing of door refusals)."""
     check_version()
-    settings = DoorSettings(gate, default_budget_s, observe, path, pause_s, paused)
+    settings = DoorSettings(gate, default_budget_s, observe, path, pause_s, paused, refused)
     return type("ParserDoor", (ParserDoor,), {"door": settings})

@@ -70,14 +70,14 @@ def slow_model(svc: ServiceThread, seconds: float) -> None:
 class ServiceThread:
     """The real app under uvicorn on a free port, in a background thread."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, tracing: Any = None) -> None:
         import uvicorn
 
         from service.app import create_stack
         from service.server import uvicorn_config
 
         self.port = settings.port
-        stack = create_stack(settings)
+        stack = create_stack(settings, tracing=tracing)
         self.app = stack.app
         self.server = uvicorn.Server(uvicorn_config(stack, settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 
 from loadtest.procs import ServiceProcess
 from service import logs
+from service.app import Service, create_app, logs_access, service_of
+from tests.conftest import service_settings
 
 
 def record(msg: str = "hello %s", event: dict[str, object] | None = None, exc: bool = False) -> logging.LogRecord:
@@ -77,6 +80,20 @@ def test_a_real_service_logs_json_and_one_access_event_per_request(model_root: P
     assert ok["batch_ms"] >= ok["queue_ms"] + ok["model_ms"] - 0.01 and ok["model_ms"] > 0
     assert ok["candidates"] == len(row["request"]["candidates"])
     refused = [x for x in access if x["status"] == 422]
-    assert len(access) == 2 and refused[0]["error"] == "invalid_request"
+    assert len(access) == 2 and refused[0]["error"] == "invalid_request" and refused[0]["field"] == "candidates"
+    assert "door" not in refused[0] and ok["field"] is None
     assert any(x["logger"].startswith("uvicorn") for x in lines)  # uvicorn's own records, in the same format
     assert any(x["logger"] == "rerank.app" and x["msg"].startswith("ready") for x in lines)
+
+
+def test_the_access_log_samples_answers_and_429s_but_keeps_every_fallback_and_error(model_root: Path) -> None:
+    def svc(**settings: object) -> Service:
+        return service_of(create_app(service_settings(model_root, **settings)))
+
+    random.seed(7)
+    half = svc(access_log=True, access_log_sample=0.25)
+    kept = sum(logs_access(half, always=False) for _ in range(4000))
+    assert 800 < kept < 1200  # about a quarter of answers and refusals
+    assert all(logs_access(half, always=True) for _ in range(200))  # fallbacks and other errors, every one
+    assert all(logs_access(svc(access_log=True), always=False) for _ in range(200))  # the default: every request
+    assert not any(logs_access(svc(access_log_sample=1.0), always=True) for _ in range(10))  # off is off

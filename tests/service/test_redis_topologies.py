@@ -13,7 +13,7 @@ import pytest
 from loadtest.procs import RedisClusterServers, RedisSentinelServers, free_port
 from service.features import CircuitBreaker, FeatureStore, connect, load_into_redis, make_redis
 from service.model import UserFeatures
-from service.redis_url import check, parse_multi_host
+from service.redis_url import check, parse_multi_host, redacted
 
 USERS = [(f"u{i}", UserFeatures({"age": str(i % 7)}, (f"i{i}", f"i{i + 1}"))) for i in range(300)]
 PASSWORD = "topology-password"
@@ -32,12 +32,28 @@ def test_multi_host_urls_parse_and_bad_ones_are_refused() -> None:
     t = parse_multi_host("redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26380/rerank/2")
     assert t.nodes == [("10.0.0.1", 26379), ("10.0.0.2", 26380)] and t.password == "p@ss"
     assert (t.service, t.db, t.tls) == ("rerank", 2, False)
+    assert t.sentinel_password is None
     c = parse_multi_host("rediss+cluster://h1:7000,h2:7001")
     assert c.nodes == [("h1", 7000), ("h2", 7001)] and c.tls and c.password is None
+    s = parse_multi_host("redis+sentinel://:data@h:26379/rerank?sentinel_password=s%26cret")
+    assert (s.password, s.sentinel_password, s.service, s.db) == ("data", "s&cret", "rerank", 0)
     for bad, why in (("redis+sentinel://h:26379", "names no master"), ("redis+cluster://h1:7000,h2", "host:port"),
-                     ("http://h:1", "is not a")):
+                     ("http://h:1", "is not a"), ("redis+cluster://h:7000?sentinel_password=x", "takes none"),
+                     ("redis+sentinel://h:1/m?timeout=1", "unknown option.*timeout.*takes only sentinel_password")):
         with pytest.raises(ValueError, match=why):
             check(bad)
+
+
+def test_a_refused_url_never_shows_its_passwords() -> None:
+    for url in ("redis+sentinel://:hunter2@h:26379?sentinel_password=hunter3",
+                "redis+cluster://:hunter2@h:7000,h2?sentinel_password=hunter3",
+                "http://:hunter2@h:1/0?sentinel_password=hunter3"):
+        with pytest.raises(ValueError) as refused:
+            check(url)
+        assert "hunter" not in str(refused.value) and "***" in str(refused.value), str(refused.value)
+    assert redacted("redis+sentinel://:pw@h:1/m/0?sentinel_password=x") == \
+        "redis+sentinel://:***@h:1/m/0?sentinel_password=***"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
 
 
 @pytest.mark.slow
@@ -63,9 +79,14 @@ def test_features_from_a_three_master_cluster(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redis(tmp_path: Path) -> None:
-    servers = RedisSentinelServers(tmp_path, PASSWORD).start()
+    """The sentinel requires a password of its own (``?sentinel_password=``): without it the service cannot find the
+    master, and says so at start-up without raising."""
+    servers = RedisSentinelServers(tmp_path, PASSWORD, sentinel_password="sentinel-secret").start()
     try:
         async def run() -> list[tuple[float, str]]:
+            anonymous = make_redis(servers.url.split("?")[0], 1, 500)
+            assert not await connect(anonymous, 5)  # the sentinel refuses a client without its password
+            await anonymous.aclose()
             client = make_redis(servers.url, 8, 500)
             await load_into_redis(client, USERS, ttl_s=600)
             await client.aclose()
