@@ -9,6 +9,7 @@ Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during
     redis_kill  Redis killed under load, then restarted: no failed request, breaker opens and closes, Redis refills
     sentinel_failover  the Sentinel-managed master killed under load: no failed request, the replica promoted,
                 features from Redis again after the failover
+    cluster_failover  a master of a three-master Redis Cluster (a replica each) killed under load: the same checks
     slow_redis  Redis replies delayed 200 ms by a proxy: latency bounded by the Redis timeout and the breaker
     overload    service pinned to one core, load to another; 2x and 4x the pinned peak, open loop: goodput >= 90%
                 of peak and 429 p99 <= 10 ms in every round, Retry-After, no late start, no model answer after
@@ -53,6 +54,7 @@ from loadtest.faults_report import write_report
 from loadtest.heldout import newest_heldout
 from loadtest.procs import (
     DelayProxy,
+    RedisClusterServers,
     RedisSentinelServers,
     RedisServer,
     ServiceProcess,
@@ -114,9 +116,9 @@ class Env:
                 **extra}
 
 
-def _redis_env(redis: RedisServer) -> dict[str, str]:
+def _redis_env(url: str) -> dict[str, str]:
     # No in-process cache: every request reads Redis, so its faults show.
-    return {"RERANK_REDIS_URL": redis.url, "RERANK_LOCAL_CACHE_TTL_S": "0", "RERANK_BREAKER_FAILURES": "3",
+    return {"RERANK_REDIS_URL": url, "RERANK_LOCAL_CACHE_TTL_S": "0", "RERANK_BREAKER_FAILURES": "3",
             "RERANK_BREAKER_RESET_S": "1", "RERANK_REDIS_TIMEOUT_MS": "20"}
 
 
@@ -130,7 +132,7 @@ def redis_kill(env: Env) -> Result:
     redis.start()
     load_features(redis.url, env.service_env())
     try:
-        with ServiceProcess(env.service_env(**_redis_env(redis)), env.work / "redis_kill.log") as svc, \
+        with ServiceProcess(env.service_env(**_redis_env(redis.url)), env.work / "redis_kill.log") as svc, \
                 Sampler(svc.url, "rerank_redis_breaker_open") as breaker:
             load = Load(svc.url, env.models)
             time.sleep(phase)
@@ -157,41 +159,64 @@ def redis_kill(env: Env) -> Result:
 
 
 def sentinel_failover(env: Env) -> Result:
-    """A master with a replica behind one sentinel; the master killed under load. Every request is answered from the
-    snapshot while the breaker is open, and once the sentinel has promoted the replica, features come from Redis
-    again (the promoted replica holds the master's keys)."""
-    phase = 3.0 if env.quick else 8.0
-    res = Result("sentinel_failover")
+    """A master with a replica behind one sentinel (which requires a password of its own); the master killed under
+    load. Every request is answered from the snapshot while the breaker is open, and once the sentinel has promoted
+    the replica, features come from Redis again (the promoted replica holds the master's keys)."""
     servers = RedisSentinelServers(env.work / "sentinel", REDIS_PASSWORD,
                                    sentinel_password="sentinel-" + REDIS_PASSWORD).start()
-    load_features(servers.url, env.service_env())
     try:
-        settings = _redis_env(servers.master) | {"RERANK_REDIS_URL": servers.url}
-        with ServiceProcess(env.service_env(**settings), env.work / "sentinel_failover.log") as svc:
-            load = Load(svc.url, env.models)
-            time.sleep(phase)
-            res.marks["fault"] = time.monotonic()
+        def fail() -> bool:
             servers.fail_master()
-            promoted = servers.wait_failover()
-            res.marks["recovered"] = time.monotonic()
-            from_redis = metric(svc.url, "rerank_feature_lookups_total", source="redis")
-            time.sleep(phase)
-            from_redis_after = metric(svc.url, "rerank_feature_lookups_total", source="redis") - from_redis
-            res.records = load.stop()
-            errors = metric(svc.url, "rerank_redis_errors_total")
-            answered_after = sum(r.status == 200 for r in res.records if r.sent >= res.marks["recovered"])
-        s = res.summary()
-        res.check("no failed request", s["failed"] == 0)
-        res.check("no fallback answer", s["fallbacks"] == 0)
-        res.check("the sentinel promoted the replica", promoted == servers.replica.port)
-        res.check("the lost master was noticed (Redis errors counted)", errors > 0)
-        res.check("features from Redis again after the failover (most lookups)",
-                  from_redis_after > 0.5 * answered_after)
-        res.figures.update({"failover_s": round(res.marks["recovered"] - res.marks["fault"], 2),
-                            "redis_errors": int(errors), "lookups_from_redis_after": int(from_redis_after),
-                            "answered_after": answered_after})
+            return servers.wait_failover() == servers.replica.port
+
+        return _failover(env, Result("sentinel_failover"), servers.url, fail, "the sentinel promoted the replica")
     finally:
         servers.stop()
+
+
+def cluster_failover(env: Env) -> Result:
+    """A Redis Cluster of three masters with a replica each; one master killed under load. Requests for its slots'
+    users are answered from the snapshot until the cluster promotes its replica; then the client relearns the slot
+    map and features come from Redis again."""
+    cluster = RedisClusterServers(env.work / "cluster", REDIS_PASSWORD, replicas=1).start()
+    try:
+        def fail() -> bool:
+            _, replica = cluster.fail_master()
+            cluster.wait_failover(replica)
+            return True
+
+        return _failover(env, Result("cluster_failover"), cluster.url, fail, "the cluster promoted the replica")
+    finally:
+        cluster.stop()
+
+
+def _failover(env: Env, res: Result, url: str, fail: Callable[[], bool], promoted: str) -> Result:
+    """Load the snapshot into the Redis at ``url``, serve from it under load, and after a phase ``fail`` (kill a
+    master, wait for its replica to take over, say whether it did); then another phase. The checks shared by every
+    failover."""
+    phase = 3.0 if env.quick else 8.0
+    load_features(url, env.service_env())
+    with ServiceProcess(env.service_env(**_redis_env(url)), env.work / f"{res.scenario}.log") as svc:
+        load = Load(svc.url, env.models)
+        time.sleep(phase)
+        res.marks["fault"] = time.monotonic()
+        took_over = fail()
+        res.marks["recovered"] = time.monotonic()
+        from_redis = metric(svc.url, "rerank_feature_lookups_total", source="redis")
+        time.sleep(phase)
+        from_redis_after = metric(svc.url, "rerank_feature_lookups_total", source="redis") - from_redis
+        res.records = load.stop()
+        errors = metric(svc.url, "rerank_redis_errors_total")
+        answered_after = sum(r.status == 200 for r in res.records if r.sent >= res.marks["recovered"])
+    s = res.summary()
+    res.check("no failed request", s["failed"] == 0)
+    res.check("no fallback answer", s["fallbacks"] == 0)
+    res.check(promoted, took_over)
+    res.check("the lost master was noticed (Redis errors counted)", errors > 0)
+    res.check("features from Redis again after the failover (most lookups)", from_redis_after > 0.5 * answered_after)
+    res.figures.update({"failover_s": round(res.marks["recovered"] - res.marks["fault"], 2),
+                        "redis_errors": int(errors), "lookups_from_redis_after": int(from_redis_after),
+                        "answered_after": answered_after})
     return res
 
 
@@ -203,7 +228,7 @@ def slow_redis(env: Env) -> Result:
     load_features(redis.url, env.service_env())
     try:
         with DelayProxy(redis.port) as proxy:
-            settings = _redis_env(redis) | {"RERANK_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{proxy.port}/0"}
+            settings = _redis_env(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{proxy.port}/0")
             with ServiceProcess(env.service_env(**settings), env.work / "slow_redis.log") as svc:
                 load = Load(svc.url, env.models)
                 time.sleep(phase)
@@ -618,6 +643,7 @@ def hostile(env: Env) -> Result:
 
 
 SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "sentinel_failover": sentinel_failover,
+             "cluster_failover": cluster_failover,
                                                   "slow_redis": slow_redis,
                                                   "overload": overload, "overload_unpinned": overload_unpinned,
                                                   "slow_body": slow_body, "reload": reload,

@@ -157,12 +157,13 @@ class Servers:
 
 
 class RedisClusterServers(Servers):
-    """A real three-master Redis Cluster on loopback (``redis-cli --cluster create``), no replicas."""
+    """A real Redis Cluster on loopback (``redis-cli --cluster create``): three masters, and ``replicas`` replicas of
+    each; ``fail_master`` kills a master, and its replica takes over about the node timeout (2 s) later."""
 
-    def __init__(self, folder: Path, password: str = "", masters: int = 3) -> None:
-        self.password = password
+    def __init__(self, folder: Path, password: str = "", masters: int = 3, replicas: int = 0) -> None:
+        self.password, self.replicas = password, replicas
         self.nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             (folder / f"cluster-{i}").mkdir(parents=True, exist_ok=True)
             self.nodes.append(RedisServer(folder / f"cluster-{i}", password, [
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf", "--cluster-node-timeout",
@@ -178,14 +179,49 @@ class RedisClusterServers(Servers):
             node.start()
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         subprocess.run(["redis-cli", *auth, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=60)
         for node in self.nodes:
             client = redis_client(node.port, self.password)
             wait_for(lambda c=client: c.execute_command("CLUSTER INFO").get("cluster_state") == "ok", 30,
                      "cluster state ok")
+        if self.replicas:  # every replica linked to its master, so a failover has an up-to-date one to promote
+            for port in (p for p, role in self.roles().items() if role[0] == "replica"):
+                replica = redis_client(port, self.password)
+                wait_for(lambda c=replica: c.info("replication").get("master_link_status") == "up", 30,
+                         "cluster replica linked")
+
+    def roles(self, via: int | None = None) -> dict[int, tuple[str, int]]:
+        """Each live node's port -> ("master", 0) or ("replica", its master's port), as the cluster (asked through
+        node ``via``, else the first live one) sees it now."""
+        port = via or next(n.port for n in self.nodes if n.proc is not None)
+        lines = redis_client(port, self.password).execute_command("CLUSTER NODES")
+        if isinstance(lines, dict):  # redis-py parses the reply into {address: fields}
+            rows = [(addr.split("@")[0], f["flags"], f["master_id"], f["node_id"]) for addr, f in lines.items()]
+        else:
+            rows = [(r.split()[1].split("@")[0], r.split()[2], r.split()[3], r.split()[0])
+                    for r in lines.decode().splitlines()]
+        port_of = {node_id: int(addr.rsplit(":", 1)[1]) for addr, _, _, node_id in rows}
+        return {int(addr.rsplit(":", 1)[1]): ("master", 0) if "master" in flags else ("replica", port_of[master])
+                for addr, flags, master, _ in rows if "fail" not in flags}
+
+    def fail_master(self) -> tuple[int, int]:
+        """Kill the first node that is a master; its port and its replica's."""
+        roles = self.roles()
+        master = next(n for n in self.nodes if n.proc is not None and roles.get(n.port) == ("master", 0))
+        replica = next(p for p, (role, of) in roles.items() if role == "replica" and of == master.port)
+        master.stop()
+        return master.port, replica
+
+    def wait_failover(self, replica: int, timeout_s: float = 30) -> None:
+        """Until ``replica`` is a master and the cluster covers every slot again."""
+        client = redis_client(replica, self.password)
+        wait_for(lambda: client.info("replication").get("role") == "master"
+                 and client.execute_command("CLUSTER INFO").get("cluster_state") == "ok", timeout_s,
+                 "cluster failover")
 
     def keys_per_node(self) -> list[int]:
-        return [int(redis_client(n.port, self.password).dbsize()) for n in self.nodes]
+        return [int(redis_client(n.port, self.password).dbsize()) for n in self.nodes if n.proc is not None]
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from loadtest.procs import RedisClusterServers, RedisSentinelServers, free_port
+from loadtest.procs import RedisClusterServers, RedisSentinelServers, free_port, redis_client, wait_for
 from service.features import CircuitBreaker, FeatureStore, connect, load_into_redis, make_redis
 from service.model import UserFeatures
 from service.redis_url import check, parse_multi_host, redacted
@@ -77,6 +78,45 @@ def test_features_from_a_three_master_cluster(tmp_path: Path) -> None:
         cluster.stop()
 
 
+async def lookups_through_a_failover(url: str, fail: Callable[[], None], failed_over: Callable[[], bool]
+                                     ) -> list[tuple[float, str]]:
+    """Load the users through ``url``, then look one up every 5 ms, each checked against what was loaded, while
+    ``fail`` kills a master at 0.5 s, until 4 s after ``failed_over`` first says its replica took over; the
+    (seconds, source) of every lookup."""
+    client = make_redis(url, 8, 500)
+    await load_into_redis(client, USERS, ttl_s=600)
+    await client.aclose()
+    features = await store(url)
+    features.set_snapshot(dict(USERS))
+    seen: list[tuple[float, str]] = []
+    failed, failed_over_at = False, 0.0
+    t0 = time.monotonic()
+    for i in range(100_000):
+        now = time.monotonic() - t0
+        if now > 0.5 and not failed:
+            fail()
+            failed = True
+        if failed and not failed_over_at and now > 0.6 and failed_over():
+            failed_over_at = now
+        if failed_over_at and now > failed_over_at + 4.0:
+            break
+        user, expected = USERS[i % len(USERS)]
+        got, source, _ = await features.get(user)  # never raises
+        assert got == expected
+        seen.append((now, source))
+        await asyncio.sleep(0.005)
+    await features.close()
+    return seen
+
+
+def through_the_outage_and_back(seen: list[tuple[float, str]]) -> None:
+    before = Counter(s for t, s in seen if t < 0.5)
+    last = Counter(s for t, s in seen[-100:])
+    assert set(before) == {"redis"}, before
+    assert "snapshot" in {s for _, s in seen}  # the outage was seen, and answered from the snapshot
+    assert set(last) == {"redis"}, last  # the promoted replica answers, with the master's keys
+
+
 @pytest.mark.slow
 def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redis(tmp_path: Path) -> None:
     """The sentinel requires a password of its own (``?sentinel_password=``): without it the service cannot find the
@@ -87,39 +127,43 @@ def test_a_sentinel_failover_under_lookups_answers_every_one_and_returns_to_redi
             anonymous = make_redis(servers.url.split("?")[0], 1, 500)
             assert not await connect(anonymous, 5)  # the sentinel refuses a client without its password
             await anonymous.aclose()
-            client = make_redis(servers.url, 8, 500)
-            await load_into_redis(client, USERS, ttl_s=600)
-            await client.aclose()
-            features = await store(servers.url)
-            features.set_snapshot(dict(USERS))
-            seen: list[tuple[float, str]] = []
-            failed_over_at = 0.0
-            t0 = time.monotonic()
-            for i in range(100_000):
-                now = time.monotonic() - t0
-                if now > 0.5 and servers.master.proc is not None:
-                    servers.fail_master()
-                if not failed_over_at and now > 0.6 and servers.master_port() == servers.replica.port:
-                    failed_over_at = now
-                if failed_over_at and now > failed_over_at + 4.0:
-                    break
-                user, expected = USERS[i % len(USERS)]
-                got, source, _ = await features.get(user)  # never raises
-                assert got == expected
-                seen.append((now, source))
-                await asyncio.sleep(0.005)
-            await features.close()
-            return seen
+            return await lookups_through_a_failover(servers.url, servers.fail_master,
+                                                    lambda: servers.master_port() == servers.replica.port)
 
         seen = asyncio.run(run())
         assert servers.wait_failover(1) == servers.replica.port
-        before = Counter(s for t, s in seen if t < 0.5)
-        last = Counter(s for t, s in seen[-100:])
-        assert set(before) == {"redis"}, before
-        assert "snapshot" in {s for _, s in seen}  # the outage was seen, and answered from the snapshot
-        assert set(last) == {"redis"}, last  # the promoted replica answers, with the master's keys
+        through_the_outage_and_back(seen)
     finally:
         servers.stop()
+
+
+@pytest.mark.slow
+def test_a_cluster_master_failover_under_lookups_answers_every_one_and_returns_to_redis(tmp_path: Path) -> None:
+    """Three masters with a replica each; one master killed. Its slots' users come from the snapshot until the
+    cluster promotes the replica, then from Redis again: the client relearns the slot map on its own."""
+    cluster = RedisClusterServers(tmp_path, PASSWORD, replicas=1).start()
+    killed: list[int] = []
+
+    def fail() -> None:
+        for port, (role, master) in cluster.roles().items():  # every replica in sync with its master first
+            if role == "replica":
+                replica = redis_client(port, PASSWORD)
+                wait_for(lambda c=replica, m=master: c.dbsize() == redis_client(m, PASSWORD).dbsize(), 10,
+                         "replica synced")
+        killed.extend(cluster.fail_master())
+
+    def failed_over() -> bool:
+        return redis_client(killed[1], PASSWORD).info("replication").get("role") == "master"
+
+    try:
+        seen = asyncio.run(lookups_through_a_failover(cluster.url, fail, failed_over))
+        cluster.wait_failover(killed[1], 1)
+        through_the_outage_and_back(seen)
+        masters = [port for port, (role, _) in cluster.roles(via=killed[1]).items() if role == "master"]
+        assert killed[1] in masters and killed[0] not in masters
+        assert sum(int(redis_client(m, PASSWORD).dbsize()) for m in masters) == len(USERS)  # no key lost
+    finally:
+        cluster.stop()
 
 
 def test_connect_says_when_redis_does_not_answer_and_raises_nothing() -> None:
