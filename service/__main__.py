@@ -18,8 +18,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from service import logs
-from service.config import Settings
+from service.config import Settings, refusals
 
 
 def serve(settings: Settings) -> None:
@@ -87,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--snapshot", type=Path, default=None,
                       help="user_features.jsonl (default: the served model's)")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for line in refusals(exc):
+            print(f"python -m service: {line}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "reload":
         return reload(settings, args.version)

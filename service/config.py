@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service import redis_url
@@ -149,6 +149,21 @@ class Settings(BaseSettings):
         if self.intra_op_threads or workers <= 1:
             return self.intra_op_threads
         return max(1, usable_cores() // workers)
+
+
+SECRET = frozenset({"redis_url", "admin_token"})  # settings whose values never go into a message
+
+
+def refusals(exc: ValidationError) -> list[str]:
+    """One line per refused setting, naming its variable and, unless it is a secret, the value given; pydantic's
+    own text would print every input, passwords in a Redis URL included."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = f"RERANK_{name.upper()}" if name else "settings"
+        shown = "" if not name or name in SECRET else f"={error.get('input')!r}"
+        lines.append(f"{where}{shown}: {error['msg']}")
+    return lines
 
 
 def default_workers(providers: str) -> int:

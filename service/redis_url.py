@@ -33,7 +33,7 @@ class RedisTarget:
     tls: bool
     service: str = ""
     db: int = 0
-    sentinel_password: str | None = None  # the sentinels' own (their requirepass), when it differs from none
+    sentinel_password: str | None = None  # the sentinels' own password (their requirepass); None: they need none
 
 
 def redacted(url: str) -> str:

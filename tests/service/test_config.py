@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, default_workers, usable_cores
+from service.config import Settings, default_workers, refusals, usable_cores
 from service.workers import worker_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +47,25 @@ def test_nonsense_is_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings(_env_file=None)
+
+
+def test_a_refusal_names_the_variable_and_value_but_never_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_PORT", "http")
+    monkeypatch.setenv("RERANK_REDIS_URL", "redis+sentinel://:hunter2@h:1?sentinel_password=hunter3")
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+    lines = refusals(refused.value)
+    assert len(lines) == 2 and "hunter" not in " ".join(lines)
+    assert any(line.startswith("RERANK_PORT='http': ") for line in lines)
+    assert any(line.startswith("RERANK_REDIS_URL: ") and "names no master" in line for line in lines)
+
+
+def test_the_service_refuses_bad_settings_in_one_line_each_and_exits_2() -> None:
+    env = {**os.environ, "RERANK_REDIS_URL": "http://:hunter2@h:1", "RERANK_WORKERS": "-1"}
+    done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "hunter" not in done.stderr
+    assert "RERANK_REDIS_URL: " in done.stderr and "RERANK_WORKERS='-1': " in done.stderr, done.stderr
 
 
 def test_the_batcher_never_waits_by_default() -> None:
