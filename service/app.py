@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rerank.app")
 STARTUP_REDIS_S = 2.0  # how long start-up waits for Redis's first answer before serving without it
 access_log = logging.getLogger(logs.ACCESS)
+REQUEST_ID_HEADER = "x-request-id"  # a door refusal's request id (the body, which holds request_id, is never read)
 Reloader = Callable[[str], Coroutine[Any, Any, dict[str, Any]]]  # version -> this worker's reload result
 
 
@@ -333,23 +334,27 @@ def logs_access(svc: Service, always: bool) -> bool:
 
 def door_refusals(svc: Service) -> RefusalHook | None:
     """What the admission doors call with each 429 they answer before any handler: an access line (``door``: true,
-    sampled like the handler's 429s) and an error span in the caller's trace. None with the access log and tracing
-    both off, so a refusal then costs nothing more."""
+    sampled like the handler's 429s) and an error span in the caller's trace. The body is never read there, so the
+    request id is the caller's ``X-Request-Id`` header, if it sent one. None with the access log and tracing both
+    off, so a refusal then costs nothing more."""
     if not svc.settings.access_log and svc.tracing is None:
         return None
 
     def refused(headers: Headers, took_s: float, exc: errors.Overloaded) -> None:
+        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+        request_id = carrier.get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            request_id = errors.short(request_id)
         if logs_access(svc, always=False):
             access_log.info("rerank 429 %s", exc.code, extra={"event": logs.access_event(
-                None, 429, took_s, error=exc.code, field=exc.field, door=True)})
+                request_id, 429, took_s, error=exc.code, field=exc.field, door=True)})
         if svc.tracing is not None:
             from service.tracing import RequestTimes
 
             ended = time.monotonic()
-            carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
             svc.tracing.record(carrier, RequestTimes(ended - took_s, ended, attributes={
                 "http.response.status_code": 429, "rerank.error": exc.code, "rerank.error_field": exc.field or "",
-                "rerank.door": True}), error=exc.code)
+                "rerank.door": True, "rerank.request_id": request_id or ""}), error=exc.code)
 
     return refused
 

@@ -75,7 +75,8 @@ def access_event(request_id: str | None, status: int, total_s: float, model_vers
                  door: bool = False) -> dict[str, Any]:
     """The fields of one access-log event: which request, what answered (or the error code and the field or
     limit it names), and where the time went, in milliseconds (``stages_s``: name -> seconds). ``door``: refused
-    by an admission door before any handler (``door: true``; no request_id, the body was never read)."""
+    by an admission door before any handler (``door: true``; the request id is then the caller's X-Request-Id header,
+    if any: the body was never read)."""
     return {"event": "rerank", "request_id": request_id, "status": status, "error": error, "field": field,
             "model_version": model_version, "fallback_reason": fallback_reason, "candidates": candidates,
             "total_ms": round(total_s * 1000, 3),

@@ -90,7 +90,8 @@ def test_a_door_refusal_is_an_access_line_and_an_error_span_in_the_callers_trace
         gate = service_of(svc.app).gate
         gate.in_flight = 1  # one request being answered: the gate is full
         r = httpx.post(f"{svc.url}/rerank", content=b"{not json", headers={
-            "Content-Type": "application/json", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+            "Content-Type": "application/json", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+            "X-Request-Id": "gw-7"})
         gate.in_flight = 0
     assert r.status_code == 429
     [span] = exporter.get_finished_spans()
@@ -98,10 +99,10 @@ def test_a_door_refusal_is_an_access_line_and_an_error_span_in_the_callers_trace
     assert format(span.context.trace_id, "032x") == TRACE_ID and format(span.parent.span_id, "016x") == PARENT_ID
     assert span.attributes["rerank.door"] is True and span.attributes["http.response.status_code"] == 429
     assert span.attributes["rerank.error"] == "overloaded" and span.attributes["rerank.error_field"] == "in_flight"
-    assert span.start_time <= span.end_time
+    assert span.attributes["rerank.request_id"] == "gw-7" and span.start_time <= span.end_time
     [line] = [rec.__dict__["event"] for rec in caplog.records if rec.name == logs.ACCESS]
     assert line["status"] == 429 and line["door"] is True and line["error"] == "overloaded"
-    assert line["field"] == "in_flight" and line["request_id"] is None and line["total_ms"] >= 0
+    assert line["field"] == "in_flight" and line["request_id"] == "gw-7" and line["total_ms"] >= 0
 
 
 def test_door_refusals_cost_nothing_more_with_logs_and_tracing_off(model_root: Path) -> None:
