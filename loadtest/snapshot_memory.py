@@ -68,6 +68,25 @@ def measure(models: Path, users: int, workers: int, checkout: Path | None) -> li
             svc.terminate()
 
 
+def render(rows: list[tuple[str, list[list[float]]]], sizes: list[int], workers: int, command: str) -> str:
+    """The report: per service, each size's mean RSS per worker with every worker's in brackets."""
+    lines = ["# Memory per worker against the user-feature snapshot", "",
+             f"Produced by `{command}`: {workers} workers, no Redis, RSS per worker (MiB) after each has answered "
+             "requests.", "",
+             "| service | " + " | ".join(f"{u:,} users" for u in sizes) + " |", "|---" * (1 + len(sizes)) + "|"]
+    for name, per_size in rows:
+        cells = [f"{statistics.mean(rss):.0f} ({', '.join(f'{r:.0f}' for r in rss)})" for rss in per_size]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", "Mean over workers (each worker in brackets)."]) + "\n"
+
+
+def label(checkout: Path) -> str:
+    """A checkout as the report names it: its path and commit."""
+    commit = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True,
+                            text=True).stdout.strip()[:60]
+    return f"`{checkout}` ({commit or 'not a git checkout'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.snapshot_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,26 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
     args = parser.parse_args(argv)
     sizes = [int(u) for u in args.users.split(",") if u]
-    targets: list[tuple[str, Path | None]] = [("this checkout", None)]
+    targets: list[tuple[str, Path | None]] = [(label(Path(".")), None)]
     if args.compare:
-        commit = subprocess.run(["git", "-C", str(args.compare), "log", "-1", "--format=%h %s"], capture_output=True,
-                                text=True).stdout.strip()[:60]
-        targets.append((f"`{args.compare}` ({commit or 'not a git checkout'})", args.compare.resolve()))
-    lines = ["# Memory per worker against the user-feature snapshot", "",
-             f"Produced by `python -m loadtest.snapshot_memory {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-             f": {args.workers} workers, no Redis, RSS per worker (MiB) after each has answered requests.", "",
-             "| service | " + " | ".join(f"{u:,} users" for u in sizes) + " |", "|---" * (1 + len(sizes)) + "|"]
+        targets.append((label(args.compare), args.compare.resolve()))
+    rows = []
     for name, checkout in targets:
-        cells = []
+        per_size = []
         for users in sizes:
-            per_worker = measure(args.models, users, args.workers, checkout)
-            cells.append(f"{statistics.mean(per_worker):.0f} ({', '.join(f'{r:.0f}' for r in per_worker)})")
-            print(name, users, per_worker, flush=True)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean over workers (each worker in brackets)."]
+            per_size.append(measure(args.models, users, args.workers, checkout))
+            print(name, users, per_size[-1], flush=True)
+        rows.append((name, per_size))
+    command = f"python -m loadtest.snapshot_memory {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "snapshot_memory.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(render(rows, sizes, args.workers, command))
     print(path.read_text(), flush=True)
     return 0
 

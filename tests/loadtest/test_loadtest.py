@@ -274,3 +274,12 @@ def test_a_synthetic_snapshot_is_pinned_in_the_manifest_and_loads(model_root: Pa
     snapshot = read_snapshot(version / "user_features.jsonl")
     items = set(json.loads((version / "items.json").read_text()))
     assert len(snapshot) == 250 and set(snapshot["s7"].history) <= items
+
+
+def test_the_snapshot_memory_report_gives_each_workers_rss_and_their_mean() -> None:
+    from loadtest import snapshot_memory
+
+    text = snapshot_memory.render([("`a` (abc123 x)", [[118.0, 119.0], [150.4, 151.6]])], [0, 100_000], 2,
+                                  "python -m loadtest.snapshot_memory --users 0,100000")
+    assert "| `a` (abc123 x) | 118 (118, 119) | 151 (150, 152) |" in text
+    assert "| service | 0 users | 100,000 users |" in text and "--users 0,100000`: 2 workers" in text
