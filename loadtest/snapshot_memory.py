@@ -80,11 +80,11 @@ def render(rows: list[tuple[str, list[list[float]]]], sizes: list[int], workers:
     return "\n".join([*lines, "", "Mean over workers (each worker in brackets)."]) + "\n"
 
 
-def label(checkout: Path) -> str:
-    """A checkout as the report names it: its path and commit."""
+def label(checkout: Path, name: str = "") -> str:
+    """A checkout as the report names it: ``name`` or its path, and its commit."""
     commit = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True,
                             text=True).stdout.strip()[:60]
-    return f"`{checkout}` ({commit or 'not a git checkout'})"
+    return f"{name or f'`{checkout}`'} ({commit or 'not a git checkout'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
     args = parser.parse_args(argv)
     sizes = [int(u) for u in args.users.split(",") if u]
-    targets: list[tuple[str, Path | None]] = [(label(Path(".")), None)]
+    targets: list[tuple[str, Path | None]] = [(label(Path("."), "this checkout"), None)]
     if args.compare:
         targets.append((label(args.compare), args.compare.resolve()))
     rows = []
