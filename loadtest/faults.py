@@ -2,7 +2,7 @@
 
     python -m loadtest.faults                       # every scenario -> reports/reliability.{md,json} (< 10 min)
     python -m loadtest.faults --quick               # the CI subset, shorter: hostile, redis_kill, sentinel_failover,
-                                                    # reload, slow_body
+                                                    # reload, slow_body, worker_kill
     python -m loadtest.faults --only overload,sigterm --out build/faults
 
 Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during / after the fault, checks):
@@ -19,6 +19,8 @@ Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during
     reload      hot reloads under load, good, corrupted and mismatched, then 20 good ones: no failed request, bad
                 ones refused, memory levels off
     sigterm     SIGTERM under load: /readyz red first, every request answered, clean exit
+    worker_kill one of two workers SIGKILLed under load: at most one request lost per connection it held, a
+                replacement ready, nothing lost after it
     hostile     schemathesis on the service's own OpenAPI, plus hand-made hostile bodies: never a 5xx, memory bounded
 
 The load is the load client (``loadtest/client.py``) in its own process: keep-alive HTTP/1.1 connections, closed
@@ -59,6 +61,7 @@ from loadtest.procs import (
     RedisServer,
     ServiceProcess,
     load_features,
+    ready_pids,
     redis_client,
     rss_mb,
 )
@@ -476,6 +479,38 @@ def sigterm(env: Env) -> Result:
     return res
 
 
+def worker_kill(env: Env) -> Result:
+    """One of two workers killed with SIGKILL under load (8 keep-alive connections). What it held dies with it: the
+    kernel resets its connections, so each of them loses at most the one request it had in flight, and the client
+    reconnects to the live worker. The supervisor starts a replacement with the same model; after it is ready,
+    nothing fails."""
+    phase, connections = (3.0 if env.quick else 8.0), 8
+    res = Result("worker_kill")
+    with ServiceProcess(env.service_env(RERANK_WORKERS="2"), env.work / "worker_kill.log") as svc:
+        load = Load(svc.url, env.models, connections=connections)
+        time.sleep(phase)
+        victim = svc.pids()[0]
+        res.marks["fault"] = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline, replaced = time.monotonic() + 60, False
+        while not replaced and time.monotonic() < deadline:
+            pids = set(svc.pids())
+            replaced = len(pids) == 2 and victim not in pids and len(ready_pids(svc.url, 2, 1.0) & pids) == 2
+        res.marks["recovered"] = time.monotonic()
+        time.sleep(phase)
+        res.records = load.stop()
+    lost = [r for r in res.records if r.status == 0]
+    res.figures.update({"replacement_ready_s": round(res.marks["recovered"] - res.marks["fault"], 2),
+                        "lost_with_the_worker": len(lost), "connections": connections})
+    res.check("a replacement worker is ready within 60 s", replaced)
+    res.check(f"at most one request lost per connection ({connections}), all sent before the replacement was ready",
+              len(lost) <= connections and all(r.sent < res.marks["recovered"] for r in lost))
+    res.check("no 5xx and no fallback", not any(r.status >= 500 or r.fallback for r in res.records))
+    res.check("answers after the replacement was ready",
+              sum(r.status == 200 for r in res.records if r.sent >= res.marks["recovered"]) > 0)
+    return res
+
+
 class SlowSenders:
     """``clients`` connections, each sending a request's headers and then its body one byte every
     ``trickle_s``, so the body never completes; when answered (or cut) it reconnects and starts over. Runs its
@@ -642,13 +677,11 @@ def hostile(env: Env) -> Result:
     return res
 
 
-SCENARIOS: dict[str, Callable[[Env], Result]] = {"redis_kill": redis_kill, "sentinel_failover": sentinel_failover,
-             "cluster_failover": cluster_failover,
-                                                  "slow_redis": slow_redis,
-                                                  "overload": overload, "overload_unpinned": overload_unpinned,
-                                                  "slow_body": slow_body, "reload": reload,
-                                                  "sigterm": sigterm, "hostile": hostile}
-QUICK = ("hostile", "redis_kill", "sentinel_failover", "reload", "slow_body")
+SCENARIOS: dict[str, Callable[[Env], Result]] = {
+    "redis_kill": redis_kill, "sentinel_failover": sentinel_failover, "cluster_failover": cluster_failover,
+    "slow_redis": slow_redis, "overload": overload, "overload_unpinned": overload_unpinned, "slow_body": slow_body,
+    "reload": reload, "sigterm": sigterm, "worker_kill": worker_kill, "hostile": hostile}
+QUICK = ("hostile", "redis_kill", "sentinel_failover", "reload", "slow_body", "worker_kill")
 
 
 def run(names: list[str], models: Path, quick: bool, workers: int = 1, checkout: Path | None = None
