@@ -499,10 +499,12 @@ def worker_kill(env: Env) -> Result:
         res.marks["recovered"] = time.monotonic()
         time.sleep(phase)
         res.records = load.stop()
+        restarts = metric(svc.url, "rerank_worker_restarts_total")
     lost = [r for r in res.records if r.status == 0]
     res.figures.update({"replacement_ready_s": round(res.marks["recovered"] - res.marks["fault"], 2),
                         "lost_with_the_worker": len(lost), "connections": connections})
-    res.check("a replacement worker is ready within 60 s", replaced)
+    res.check("a replacement worker is ready within 60 s, and counted (rerank_worker_restarts_total 1)",
+              replaced and restarts == 1)
     res.check(f"at most one request lost per connection ({connections}), all sent before the replacement was ready",
               len(lost) <= connections and all(r.sent < res.marks["recovered"] for r in lost))
     res.check("no 5xx and no fallback", not any(r.status >= 500 or r.fallback for r in res.records))

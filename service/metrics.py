@@ -78,6 +78,8 @@ class Metrics:
                                 registry=r, multiprocess_mode="livemax")
         self._model_labels: tuple[str, str] | None = None
         self.reloads = Counter("rerank_model_reloads_total", "Hot reload attempts", ["result"], registry=r)
+        self.worker_restarts = Counter("rerank_worker_restarts_total", "Workers started again after one died "
+                                       "(counted by the replacement)", registry=r)
 
     def set_model(self, version: str, providers: list[str]) -> None:
         """``rerank_model_info`` names ``version`` alone (the previous version's series drops to 0, or goes)."""

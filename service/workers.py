@@ -124,19 +124,23 @@ def _resolve(future: asyncio.Future[list[dict[str, Any]]], results: list[dict[st
         future.set_result(results)
 
 
-def worker_main(index: int, conn: Connection, workers: int, version: str) -> None:
-    """A worker process: its own app (model, batcher, Redis pool) on its own SO_REUSEPORT socket."""
+def worker_main(index: int, conn: Connection, workers: int, version: str, replacing: bool = False) -> None:
+    """A worker process: its own app (model, batcher, Redis pool) on its own SO_REUSEPORT socket. ``replacing``:
+    it replaces one that died, and counts itself in ``rerank_worker_restarts_total``."""
     die_with_parent()
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     settings = worker_settings(settings, workers, version)
-    from service.app import create_stack
+    from service.app import create_stack, service_of
     from service.server import reuse_port_socket, serve
 
     sock = reuse_port_socket(settings.host, settings.port)
     log.info("worker %d (pid %d) on %s:%d, %d ONNX Runtime threads", index, os.getpid(), settings.host,
              settings.port, settings.intra_op_threads)
-    serve(create_stack(settings, peers=PipePeers(conn)), settings, sockets=[sock])
+    stack = create_stack(settings, peers=PipePeers(conn))
+    if replacing:
+        service_of(stack.app).metrics.worker_restarts.inc()
+    serve(stack, settings, sockets=[sock])
 
 
 def worker_settings(settings: Settings, workers: int, version: str) -> Settings:
@@ -218,9 +222,9 @@ class Supervisor:
             folder = self.metrics_dir = Path(tempfile.mkdtemp(prefix="rerank-metrics-"))
         os.environ[MULTIPROC_ENV] = str(folder)
 
-    def _spawn(self, index: int) -> Worker:
+    def _spawn(self, index: int, replacing: bool = False) -> Worker:
         parent, child = self.context.Pipe(duplex=True)
-        process = self.context.Process(target=worker_main, args=(index, child, self.count, self.version),
+        process = self.context.Process(target=worker_main, args=(index, child, self.count, self.version, replacing),
                                        name=f"rerank-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -309,7 +313,7 @@ class Supervisor:
             return
         log.error("worker %d (pid %s) exited with code %s; starting another", worker.index, worker.process.pid,
                   worker.process.exitcode)
-        self.workers.append(self._spawn(worker.index))
+        self.workers.append(self._spawn(worker.index, replacing=True))
 
     def _stop_all(self) -> None:
         """Wait for every worker to drain; kill what is still running after the drain and grace periods."""

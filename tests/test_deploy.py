@@ -138,7 +138,7 @@ def test_alert_rules_name_only_exported_metrics_and_the_scraped_job() -> None:
     reasons = {v for r in rules for m in re.findall(r'reason=~"([^"]+)"', r["expr"]) for v in m.split("|")}
     assert reasons == {"deadline", "in_flight", "queue_full"}  # the 429 reasons (admission.Gate.refuse, the batcher)
     assert {r["alert"] for r in rules} >= {"RerankFallbackRateHigh", "RerankRefusingLoad", "RerankRedisBreakerOpen",
-                                           "RerankLatencyOverBudget", "RerankReloadFailed"}
+                                           "RerankLatencyOverBudget", "RerankReloadFailed", "RerankWorkerRestarting"}
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile

@@ -100,6 +100,7 @@ def test_a_reload_reaches_every_worker_and_a_replacement_worker(two_workers: Ser
             assert time.monotonic() < deadline, f"no replacement worker: {pids}"
         versions = {http.get(f"{url}/readyz").json()["model_version"] for _ in range(20)}
         assert versions == {"tiny-v2"}
+        assert sample(http.get(f"{url}/metrics").text, "rerank_worker_restarts_total") == 1  # the replacement
     assert two_workers.proc is not None and two_workers.proc.poll() is None
 
 
