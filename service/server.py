@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
@@ -28,25 +28,38 @@ class DrainingServer(uvicorn.Server):
     """uvicorn with a drain phase. On the first SIGTERM or SIGINT readiness goes red at once (``on_drain``)
     while requests keep being served for ``delay_s``, so load balancers stop sending before the socket
     closes; then uvicorn's graceful shutdown stops accepting and lets in-flight requests finish. A second
-    signal skips the rest of the delay."""
+    signal skips the rest of the delay.
+
+    The signal handler only sets fields: a signal can land while the main thread holds a lock, and a handler that
+    takes the same lock never returns. One that cancelled a ``threading.Timer`` did exactly that when a third
+    signal landed inside the second's ``cancel``: the worker hung with its port open after its supervisor was gone
+    (found by ``make faults``' worker_kill). uvicorn's tick (every 0.1 s on the event loop) ends the drain and
+    logs it."""
 
     def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], delay_s: float) -> None:
         super().__init__(config)
         self.on_drain, self.delay_s = on_drain, delay_s
-        self.timer: threading.Timer | None = None
+        self.drain_signal: int | None = None  # the first SIGTERM or SIGINT, while its drain delay runs
+        self.drain_until = 0.0  # time.monotonic() when the drain delay ends
+        self.drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.timer is None:
-            self.on_drain()
-            if self.delay_s > 0:
-                log.info("signal %d: /readyz is red; serving %.1f s more, then shutting down", sig, self.delay_s)
-                self.timer = threading.Timer(self.delay_s, super().handle_exit, (sig, frame))
-                self.timer.daemon = True
-                self.timer.start()
-                return
-        elif self.timer.is_alive():
-            self.timer.cancel()
-        super().handle_exit(sig, frame)
+        self.on_drain()
+        if self.drain_signal is None and self.delay_s > 0:
+            self.drain_until = time.monotonic() + self.delay_s
+            self.drain_signal = sig
+            return
+        super().handle_exit(sig, frame)  # lock-free: appends the signal and sets should_exit or force_exit
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_signal is not None and not self.should_exit:
+            if not self.drain_logged:
+                self.drain_logged = True
+                log.info("signal %d: /readyz is red; serving %.1f s more, then shutting down", self.drain_signal,
+                         max(0.0, self.drain_until - time.monotonic()))
+            if time.monotonic() >= self.drain_until:
+                super().handle_exit(self.drain_signal, None)
+        return await super().on_tick(counter)
 
 
 class Servable(Protocol):
