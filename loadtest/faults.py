@@ -16,8 +16,8 @@ Scenarios (each: requests sent, failed, rejected, fallbacks, p99 before / during
                 its deadline
     overload_unpinned  the same, service and load sharing the cores: figures beside the pinned ones
     slow_body   100 clients trickling bodies they never finish (64 slots) beside the normal load: goodput kept, 408s
-    reload      hot reloads under load, good, corrupted and mismatched, then 20 good ones: no failed request, bad
-                ones refused, memory levels off
+    reload      hot reloads under load, good, corrupted and mismatched, then 60 good ones (20 quick): no failed
+                request, bad ones refused, memory levels off
     sigterm     SIGTERM under load: /readyz red first, every request answered, clean exit
     worker_kill one of two workers SIGKILLed under load: at most one request lost per connection it held, a
                 replacement ready, nothing lost after it

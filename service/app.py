@@ -328,8 +328,10 @@ async def rerank(request: Request) -> Response:
 def logs_access(svc: Service, always: bool) -> bool:
     """Whether this request gets an access line: never with the access log off; else when ``always`` (fallbacks,
     errors other than 429), and for the rest (answers, refusals) at the share ``access_log_sample``."""
+    if not svc.settings.access_log:
+        return False
     share = svc.settings.access_log_sample
-    return svc.settings.access_log and (always or share >= 1.0 or random.random() < share)
+    return always or share >= 1.0 or random.random() < share
 
 
 def door_refusals(svc: Service) -> RefusalHook | None:
