@@ -54,6 +54,8 @@ class Tracing:
         parent = self.propagator.extract(carrier=dict(headers))
         span = self.tracer.start_span("POST /rerank", context=parent, kind=trace.SpanKind.SERVER,
                                       start_time=to_ns(times.started), attributes=times.attributes)
+        if not span.is_recording():  # not sampled: its stages would not be recorded either
+            return
         inside = trace.set_span_in_context(span)
         for name, (start, end) in (("features", times.features), ("queue", times.queue), ("model", times.model)):
             if start and end:

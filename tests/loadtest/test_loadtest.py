@@ -283,3 +283,13 @@ def test_the_snapshot_memory_report_gives_each_workers_rss_and_their_mean() -> N
                                   "python -m loadtest.snapshot_memory --users 0,100000")
     assert "| `a` (abc123 x) | 118 (118, 119) | 151 (150, 152) |" in text
     assert "| service | 0 users | 100,000 users |" in text and "--users 0,100000`: 2 workers" in text
+
+
+def test_the_tracing_cost_measure_prints_each_case(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import tracing_cost
+
+    assert tracing_cost.main(["--records", "50", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["sampled (ratio 1)", "sampled by the caller's traceparent",
+                                                      "new traces at ratio 0.01"]
+    assert all(float(line.split(": ")[1].split(" us")[0]) > 0 for line in lines)

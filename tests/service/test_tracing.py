@@ -70,6 +70,14 @@ def test_a_refused_request_is_an_error_span_and_a_new_request_a_new_trace(
     assert refused.context.trace_id != answered.context.trace_id
 
 
+def test_a_caller_that_did_not_sample_gets_no_spans(
+        traced: tuple[TestClient, InMemorySpanExporter, dict[str, object]]) -> None:
+    client, exporter, body = traced
+    r = client.post("/rerank", json=body, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})
+    assert r.status_code == 200 and exporter.get_finished_spans() == ()
+    assert client.post("/rerank", json=body).status_code == 200 and len(exporter.get_finished_spans()) == 4
+
+
 def in_memory() -> tuple[Tracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
