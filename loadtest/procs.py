@@ -161,13 +161,15 @@ class RedisClusterServers(Servers):
     each; ``fail_master`` kills a master, and its replica takes over about the node timeout (2 s) later."""
 
     def __init__(self, folder: Path, password: str = "", masters: int = 3, replicas: int = 0) -> None:
-        self.password, self.replicas = password, replicas
+        self.password, self.masters, self.replicas = password, masters, replicas
         self.nodes = []
         for i in range(masters * (1 + replicas)):
             (folder / f"cluster-{i}").mkdir(parents=True, exist_ok=True)
+            # validity factor 0: a replica always stands for election, however long its link was down (on a loaded
+            # machine a replica judged too stale never did, and its master's slots stayed down)
             self.nodes.append(RedisServer(folder / f"cluster-{i}", password, [
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf", "--cluster-node-timeout",
-                "2000"], port=free_cluster_port()))
+                "2000", "--cluster-replica-validity-factor", "0"], port=free_cluster_port()))
 
     @property
     def url(self) -> str:
@@ -185,7 +187,10 @@ class RedisClusterServers(Servers):
             client = redis_client(node.port, self.password)
             wait_for(lambda c=client: c.execute_command("CLUSTER INFO").get("cluster_state") == "ok", 30,
                      "cluster state ok")
-        if self.replicas:  # every replica linked to its master, so a failover has an up-to-date one to promote
+        if self.replicas:  # every replica known as one and linked to its master, so a failover has one to promote
+            wanted = self.masters * self.replicas
+            wait_for(lambda: sum(role == "replica" for role, _ in self.roles().values()) == wanted, 30,
+                     "cluster replicas assigned")
             for port in (p for p, role in self.roles().items() if role[0] == "replica"):
                 replica = redis_client(port, self.password)
                 wait_for(lambda c=replica: c.info("replication").get("master_link_status") == "up", 30,
@@ -206,10 +211,13 @@ class RedisClusterServers(Servers):
                 for addr, flags, master, _ in rows if "fail" not in flags}
 
     def fail_master(self) -> tuple[int, int]:
-        """Kill the first node that is a master; its port and its replica's."""
+        """Kill the first node that is a master, once its replica has acknowledged every write it took (``WAIT``);
+        its port and its replica's."""
         roles = self.roles()
         master = next(n for n in self.nodes if n.proc is not None and roles.get(n.port) == ("master", 0))
         replica = next(p for p, (role, of) in roles.items() if role == "replica" and of == master.port)
+        if int(redis_client(master.port, self.password).execute_command("WAIT", 1, 10_000)) < 1:
+            raise RuntimeError(f"the replica {replica} of {master.port} did not acknowledge its writes in 10 s")
         master.stop()
         return master.port, replica
 
