@@ -200,12 +200,8 @@ class RedisClusterServers(Servers):
         """Each live node's port -> ("master", 0) or ("replica", its master's port), as the cluster (asked through
         node ``via``, else the first live one) sees it now."""
         port = via or next(n.port for n in self.nodes if n.proc is not None)
-        lines = redis_client(port, self.password).execute_command("CLUSTER NODES")
-        if isinstance(lines, dict):  # redis-py parses the reply into {address: fields}
-            rows = [(addr.split("@")[0], f["flags"], f["master_id"], f["node_id"]) for addr, f in lines.items()]
-        else:
-            rows = [(r.split()[1].split("@")[0], r.split()[2], r.split()[3], r.split()[0])
-                    for r in lines.decode().splitlines()]
+        nodes = redis_client(port, self.password).execute_command("CLUSTER NODES")  # parsed: {address: fields}
+        rows = [(addr.split("@")[0], f["flags"], f["master_id"], f["node_id"]) for addr, f in nodes.items()]
         port_of = {node_id: int(addr.rsplit(":", 1)[1]) for addr, _, _, node_id in rows}
         return {int(addr.rsplit(":", 1)[1]): ("master", 0) if "master" in flags else ("replica", port_of[master])
                 for addr, flags, master, _ in rows if "fail" not in flags}
